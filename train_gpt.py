@@ -1,0 +1,1348 @@
+"""train_gpt.py: the 11-layer GEPA model of the Parameter Golf challenge, end to end.
+
+Builds the model (XSA, SmearGate, BigramHash, partial RoPE, ReLU^2 MLP, U-Net skips, value
+embeddings), trains it with Muon/AdamW + EMA, writes the int6 + zstd-22 artifact and scores it
+(standard, sliding or legal score-first TTT) in the challenge's val_bpb. One file, read top to
+bottom, configured only through environment variables (`python train_gpt.py --help`).
+Hard stop: this file stays under 1,500 lines.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import glob
+import io
+import json
+import math
+import os
+import pickle
+import platform
+import random
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------
+# Config: one frozen dataclass, built only by from_env()
+# Why: the challenge's scripts are driven by environment variables; reading them in one place,
+# validating them and printing them whole makes every run reproducible from its log.
+# ----------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, bad knob); reported as one line, exit code 2."""
+
+
+def knob(default, help: str, lo=None, choices=None):
+    return field(default=default, metadata={"help": help, "lo": lo, "choices": choices})
+
+
+# Switches of the seed's script that its logged run left at one value, or that had no effect there.
+# Accepted so the seed's launch commands work unchanged; any other value is refused, not ignored.
+SEED_KNOBS = {
+    "LATE_QAT": ("0", "late QAT was off in the seed's run and is not part of this system"),
+    "EMA_ENABLED": ("1", "EMA is always on; EMA_DECAY=0 turns it off"),
+    "TTT_OPTIMIZER": ("sgd", "the seed's TTT uses SGD with momentum"),
+    "TIE_EMBEDDINGS": ("1", "the head is tied to the embedding"),
+    "ORTHO_INIT": ("1", "the init is the seed's orthogonal one"),
+    "BIGRAM_XOR_HASH": ("1", "BigramHash uses the XOR hash"),
+    "MIXED_QUANT": ("0", "the artifact is pure int6"),
+    "INT8_STORAGE": ("0", "the artifact is pure int6"),
+    "VAL_BATCH_SIZE": (None, ""), "MLP_MULT": (None, ""), "EMBED_LR": (None, ""), "HEAD_LR": (None, ""),
+    "SWA_START_FRAC": (None, ""), "SWA_EVERY": (None, ""), "QAT_THRESHOLD": (None, ""), "TTT_ADAM_WD": (None, ""),
+}
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # paths and run identity
+    data_path: str = knob("./data/datasets/fineweb10B_sp1024", "folder with fineweb_{train,val}_*.bin shards")
+    tokenizer_path: str = knob("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model of the shards")
+    run_id: str = knob("", "run name; outputs go to RUNS_DIR/RUN_ID (default: date + random suffix)")
+    runs_dir: str = knob("runs", "parent folder of the run folders")
+    seed: int = knob(42, "seed of the model init and anything random")
+    # model (SPEC section 4)
+    vocab_size: int = knob(1024, "tokenizer vocabulary size", lo=2)
+    num_layers: int = knob(11, "transformer blocks (first half encoder, rest decoder)", lo=1)
+    model_dim: int = knob(512, "residual width", lo=2)
+    num_heads: int = knob(8, "query heads", lo=1)
+    num_kv_heads: int = knob(4, "key/value heads (grouped-query attention)", lo=1)
+    mlp_hidden: int = knob(1536, "MLP hidden width (ReLU^2)", lo=1)
+    bigram_buckets: int = knob(2048, "BigramHash buckets (last one is the position-0 bucket)", lo=2)
+    bigram_embed_dim: int = knob(128, "BigramHash embedding width", lo=1)
+    bigram_scale_init: float = knob(0.05, "BigramHash output scale (never trained by the seed)")
+    rope_dims: int = knob(16, "head dims rotated by RoPE (partial RoPE)", lo=0)
+    rope_base: float = knob(10000.0, "RoPE base", lo=1.0)
+    rope_train_seq_len: int = knob(2048, "window length above which YaRN scales the RoPE base", lo=1)
+    ln_scale: bool = knob(True, "scale block inputs by 1/sqrt(layer+1)")
+    xsa_layers: int = knob(4, "last N blocks use XSA (remove own-value component)", lo=0)
+    ve_enabled: bool = knob(True, "shared value embeddings in VE_LAYERS")
+    ve_dim: int = knob(128, "value-embedding width", lo=1)
+    ve_layers: str = knob("9,10", "comma-separated block indices that add value embeddings")
+    logit_softcap: float = knob(30.0, "logits = cap*tanh(logits/cap)", lo=1e-6)
+    qk_gain_init: float = knob(1.5, "initial per-head query gain")
+    tied_embed_init_std: float = knob(0.005, "std of the tied embedding init", lo=0.0)
+    bos_mask: bool = knob(False, "stop SmearGate/BigramHash mixing the previous document into BOS")
+    # training (SPEC section 5)
+    train_seq_len: int = knob(2048, "tokens per training/eval window", lo=2)
+    train_batch_tokens: int = knob(786432, "global batch in tokens (independent of GPU count)", lo=1)
+    micro_batch_seqs: int = knob(48, "sequences per GPU per micro-step (lower it on small GPUs)", lo=1)
+    iterations: int = knob(25000, "optimizer steps", lo=0)
+    warmup_steps: int = knob(20, "linear LR warm-up steps", lo=0)
+    warmdown_iters: int = knob(13000, "LR warm-down steps at the end", lo=0)
+    warmdown_shape: str = knob("cosine", "warm-down shape", choices=("cosine", "linear"))
+    max_wallclock_seconds: float = knob(0.0, "stop training at this many seconds (0 = off)", lo=0.0)
+    prime_steps: int = knob(20, "untimed compile-priming steps, fully undone afterwards", lo=0)
+    matrix_lr: float = knob(0.025, "Muon LR (encoder blocks, bigram proj)", lo=0.0)
+    scalar_lr: float = knob(0.025, "AdamW LR of vectors and small tables", lo=0.0)
+    tied_embed_lr: float = knob(0.035, "AdamW LR of the tied embedding", lo=0.0)
+    decoder_lr_mult: float = knob(2.0, "LR multiplier of decoder blocks", lo=0.0)
+    muon_momentum: float = knob(0.99, "Muon Nesterov momentum", lo=0.0)
+    muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0", lo=0.0)
+    muon_momentum_warmup_steps: int = knob(1500, "steps to reach MUON_MOMENTUM", lo=0)
+    muon_backend_steps: int = knob(5, "Newton-Schulz iterations", lo=1)
+    muon_wd: float = knob(0.04, "Muon decoupled weight decay", lo=0.0)
+    adam_wd: float = knob(0.04, "AdamW weight decay", lo=0.0)
+    beta1: float = knob(0.9, "AdamW beta1", lo=0.0)
+    beta2: float = knob(0.95, "AdamW beta2", lo=0.0)
+    adam_eps: float = knob(1e-8, "AdamW epsilon", lo=0.0)
+    grad_clip_norm: float = knob(0.3, "global gradient-norm clip (0 = off)", lo=0.0)
+    ema_decay: float = knob(0.997, "EMA decay of the weights (0 = no EMA)", lo=0.0)
+    val_loss_every: int = knob(500, "validate every N steps (0 = only at the end)", lo=0)
+    train_log_every: int = knob(200, "log a train line every N steps", lo=1)
+    checkpoint_every: int = knob(0, "write a resumable checkpoint every N steps (0 = off)", lo=0)
+    checkpoint_dir: str = knob("", "checkpoint folder (default RUNS_DIR/RUN_ID/checkpoints)")
+    resume: bool = knob(False, "continue from the newest valid checkpoint")
+    # quantization and artifact (SPEC section 6)
+    quant_embed: bool = knob(True, "quantize the embeddings to int6 as well")
+    quant_target_bytes: int = knob(0, "spend up to this many total bytes on finer grids (0 = seed quantizer)", lo=0)
+    artifact_limit_bytes: int = knob(16_000_000, "challenge cap on code + compressed model bytes", lo=1)
+    # evaluation and TTT (SPEC section 7)
+    eval_stride: int = knob(64, "sliding-window stride (>= TRAIN_SEQ_LEN: standard eval)", lo=0)
+    eval_batch_seqs: int = knob(32, "windows per forward pass during scoring", lo=1)
+    val_max_tokens: int = knob(0, "score only the first N validation tokens (0 = all; not for records)", lo=0)
+    ttt_enabled: bool = knob(True, "final eval with legal score-first test-time training")
+    ttt_lr: float = knob(0.002, "TTT SGD peak LR", lo=0.0)
+    ttt_epochs: int = knob(10, "TTT epochs over each scored chunk", lo=0)
+    ttt_chunk_tokens: int = knob(32768, "targets per TTT chunk", lo=1)
+    ttt_batch_seqs: int = knob(32, "sequences per TTT step", lo=1)
+    ttt_momentum: float = knob(0.9, "TTT SGD momentum", lo=0.0)
+    ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)", lo=0.0)
+    ttt_freeze_blocks: int = knob(2, "first N blocks frozen during TTT", lo=0)
+    # modes and devices
+    dry_run: bool = knob(False, "check config, tokenizer and data, build the model, then exit")
+    eval_only: bool = knob(False, "skip training; evaluate ARTIFACT")
+    artifact: str = knob("", "artifact (.ptz) for EVAL_ONLY")
+    device: str = knob("auto", "compute device", choices=("auto", "cpu", "cuda"))
+    compile: str = knob("auto", "torch.compile the model (auto = on CUDA)", choices=("auto", "0", "1"))
+    submission_author: str = knob("", "author field of submission.json")
+    submission_github_id: str = knob("", "github_id field of submission.json")
+
+    @property
+    def ve_layer_list(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.ve_layers.split(",") if s.strip()) if self.ve_enabled else ()
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @classmethod
+    def from_env(cls, env=None) -> "Hyperparameters":
+        env = os.environ if env is None else env
+        names = {f.name.upper(): f for f in dataclasses.fields(cls)}
+        for key, (fixed, why) in SEED_KNOBS.items():  # the seed's own switches: accept its run's values only
+            if key in env and fixed is not None and env[key].strip().lower() != fixed:
+                raise UserError(f"{key}={env[key]} is not supported: {why} (only {key}={fixed})")
+        generic = {"DATA", "RUN", "RUNS", "SEED", "DEVICE", "COMPILE", "RESUME", "ARTIFACT", "MAX", "ITERATIONS"}
+        prefixes = {n.split("_")[0] for n in names} - generic
+        for key in env:  # a typo in a knob name must not silently fall back to the default
+            close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.85)
+            if key not in names and key not in SEED_KNOBS and (close or ("_" in key and key.split("_")[0] in prefixes)):
+                raise UserError(f"unknown setting {key}" + (f" (did you mean {close[0]}?)" if close else ""))
+        kwargs = {}
+        for name, f in names.items():
+            if name not in env:
+                continue
+            raw, typ = env[name].strip(), type(f.default)
+            try:
+                if typ is bool:
+                    if raw.lower() not in ("0", "1", "true", "false"):
+                        raise ValueError
+                    val = raw.lower() in ("1", "true")
+                else:
+                    val = typ(raw)
+            except ValueError:
+                raise UserError(f"{name}={env[name]!r} is not a valid {typ.__name__}") from None
+            lo, choices = f.metadata["lo"], f.metadata["choices"]
+            if (lo is not None and val < lo) or (typ is float and not math.isfinite(val)):
+                raise UserError(f"{name}={raw} must be a finite number >= {lo}")
+            if choices and val not in choices:
+                raise UserError(f"{name}={raw} must be one of {', '.join(choices)}")
+            kwargs[f.name] = val
+        hp = cls(**kwargs)
+        hp.check()
+        return hp
+
+    def check(self) -> None:
+        def need(ok: bool, var: str, why: str):
+            if not ok:
+                raise UserError(f"{var}={getattr(self, var.lower())}: {why}")
+        need(self.model_dim % self.num_heads == 0, "NUM_HEADS", f"must divide MODEL_DIM={self.model_dim}")
+        need(self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS", f"must divide NUM_HEADS={self.num_heads}")
+        need(self.head_dim % 2 == 0, "MODEL_DIM", f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even")
+        need(self.rope_dims % 2 == 0 and self.rope_dims <= self.head_dim, "ROPE_DIMS",
+             f"must be even and <= head dim {self.head_dim}")
+        need(self.xsa_layers <= self.num_layers, "XSA_LAYERS", f"exceeds NUM_LAYERS={self.num_layers}")
+        need(self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", f"exceeds NUM_LAYERS={self.num_layers}")
+        need(self.warmdown_iters <= self.iterations or self.iterations == 0, "WARMDOWN_ITERS", f"exceeds ITERATIONS={self.iterations}")
+        need(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
+             f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        try:
+            layers = [int(s) for s in self.ve_layers.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"VE_LAYERS={self.ve_layers!r} must be comma-separated integers") from None
+        need(all(0 <= i < self.num_layers for i in layers) and len(set(layers)) == len(layers), "VE_LAYERS",
+             f"indices must be distinct and within 0..{self.num_layers - 1}")
+        need(not self.eval_only or bool(self.artifact), "ARTIFACT", "EVAL_ONLY=1 needs ARTIFACT=path/to/final_model.int6.ptz")
+
+    def model_signature(self) -> dict:
+        """The knobs that decide parameter shapes and the forward; checkpoints must agree on these."""
+        keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_hidden", "bigram_buckets",
+                "bigram_embed_dim", "rope_dims", "rope_base", "rope_train_seq_len", "ln_scale", "xsa_layers",
+                "ve_enabled", "ve_dim", "ve_layers", "logit_softcap", "bos_mask", "train_seq_len")
+        return {k: getattr(self, k) for k in keys}
+
+
+def help_text() -> str:
+    rows = [f"{f.name.upper():28s} {str(f.default)!s:38s} {f.metadata['help']}" for f in dataclasses.fields(Hyperparameters)]
+    return ("usage: [KNOB=value ...] python train_gpt.py   (or torchrun --nproc_per_node=N train_gpt.py)\n"
+            "Every setting is an environment variable; defaults reproduce the seed's 25k-step run.\n\n"
+            f"{'KNOB':28s} {'DEFAULT':38s} MEANING\n" + "\n".join(rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and metric
+# Why: shards are the challenge's binary format; val_bpb must match the challenge's byte rule bit
+# for bit, so the byte tables come straight from the tokenizer and sums run in float64.
+# ----------------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+def open_shard(path: str) -> np.ndarray:
+    """Memory-map one shard's tokens after checking magic, version and exact file size."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise UserError(f"cannot read shard {path}: {e.strerror}") from None
+    if header.size < HEADER_INTS:
+        raise UserError(f"shard {path}: truncated header ({size} bytes, need {HEADER_INTS * 4})")
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise UserError(f"shard {path}: bad magic/version {header[0]}/{header[1]} (want {SHARD_MAGIC}/{SHARD_VERSION})")
+    n = int(header[2])
+    if n < 0 or size != HEADER_INTS * 4 + 2 * n:
+        raise UserError(f"shard {path}: header says {n} tokens = {HEADER_INTS * 4 + 2 * n} bytes, file has {size} "
+                        "(truncated or corrupt download?)")
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(n,))
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    if not os.path.isdir(data_path):
+        raise UserError(f"DATA_PATH={data_path} is not a directory (download the data: ./run.sh data)")
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise UserError(f"no fineweb_{split}_*.bin shards in DATA_PATH={data_path}")
+    return files
+
+
+class TokenStream:
+    """The train shards in sorted order as one endless stream; position = (shard, offset)."""
+
+    def __init__(self, files: list[str]):
+        self.shards = [open_shard(f) for f in files]
+        if sum(len(s) for s in self.shards) == 0:
+            raise UserError(f"train shards hold no tokens: {files[0]} ...")
+        self.shard, self.offset = 0, 0
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            s = self.shards[self.shard]
+            k = min(n, len(s) - self.offset)
+            parts.append(s[self.offset:self.offset + k])
+            self.offset, n = self.offset + k, n - k
+            if self.offset >= len(s):
+                self.shard, self.offset = (self.shard + 1) % len(self.shards), 0
+        return np.concatenate(parts)
+
+    def state(self) -> dict:
+        return {"shard": self.shard, "offset": self.offset}
+
+    def load_state(self, st: dict) -> None:
+        self.shard, self.offset = int(st["shard"]), int(st["offset"])
+
+
+def load_validation(hp: Hyperparameters) -> Tensor:
+    tokens = np.concatenate([open_shard(f) for f in shard_files(hp.data_path, "val")])
+    if hp.val_max_tokens:
+        tokens = tokens[:hp.val_max_tokens]
+    if len(tokens) < 2:
+        raise UserError(f"validation split in {hp.data_path} has {len(tokens)} tokens; need at least 2")
+    if tokens.max() >= hp.vocab_size:
+        raise UserError(f"validation shards hold token id {tokens.max()} >= VOCAB_SIZE={hp.vocab_size}")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+def load_tokenizer(hp: Hyperparameters):
+    import sentencepiece as spm
+    if not os.path.isfile(hp.tokenizer_path):
+        raise UserError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist (download: ./run.sh data)")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
+    except Exception as e:
+        raise UserError(f"TOKENIZER_PATH={hp.tokenizer_path} is not a SentencePiece model ({e})") from None
+    if sp.vocab_size() != hp.vocab_size:
+        raise UserError(f"tokenizer {hp.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={hp.vocab_size}")
+    return sp
+
+
+def byte_tables(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token id: UTF-8 bytes without a leading '▁', whether it has one, whether it is a boundary."""
+    base = torch.zeros(vocab_size, dtype=torch.int64)
+    space = torch.zeros(vocab_size, dtype=torch.bool)
+    boundary = torch.zeros(vocab_size, dtype=torch.bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            if piece.startswith("\u2581"):
+                space[i], piece = True, piece[1:]
+            base[i] = len(piece.encode("utf-8"))
+    return base, space, boundary
+
+
+class BpbMeter:
+    """Sums of loss, scored targets and credited bytes (float64) -> val_loss, val_bpb."""
+
+    def __init__(self, tables: tuple[Tensor, Tensor, Tensor], device: torch.device):
+        self.base, self.space, self.boundary = (t.to(device) for t in tables)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, losses: Tensor, prev: Tensor, tgt: Tensor, mask: Tensor) -> None:
+        """Accumulate the targets where mask is true (no host sync, so scoring never stalls the GPU)."""
+        nbytes = (self.base[tgt] + (self.space[tgt] & ~self.boundary[prev]).long()) * mask
+        self.sums += torch.stack([(losses.double() * mask).sum(), mask.sum().double(), nbytes.sum().double()])
+
+    def result(self) -> tuple[float, float]:
+        if dist.is_initialized():
+            dist.all_reduce(self.sums)
+        loss, ntok, nbytes = self.sums.tolist()
+        val_loss = loss / max(ntok, 1.0)
+        return val_loss, val_loss / math.log(2.0) * ntok / max(nbytes, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# Why: one block, one attention and one forward serve training, scoring and TTT; the state-dict
+# names and shapes are the seed's, so its artifacts load unchanged.
+# ----------------------------------------------------------------------------------------------
+
+try:  # FlashAttention 3 (Hopper) when installed; never required
+    from flash_attn_interface import flash_attn_func as _fa3
+except Exception:
+    _fa3 = None
+
+
+def rms(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention on (B, T, H, hd) tensors; query head h reads kv head h // (H/Hkv)."""
+    if _fa3 is not None and q.is_cuda:
+        out = _fa3(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+def rope_angles(hp: Hyperparameters, seq_len: int, device) -> tuple[Tensor, Tensor]:
+    """cos/sin (T, ROPE_DIMS/2), recomputed per forward so no cache outlives an inference_mode block."""
+    half = hp.rope_dims // 2
+    base = hp.rope_base
+    if seq_len > hp.rope_train_seq_len:  # YaRN-style base stretch for longer windows
+        base = base * (seq_len / hp.rope_train_seq_len) ** (hp.rope_dims / (hp.rope_dims - 2))
+    inv_freq = 1.0 / base ** (torch.arange(0, hp.rope_dims, 2, dtype=torch.float32, device=device) / hp.rope_dims)
+    ang = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :half]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (i, i+half) of the first 2*half dims of (B, T, H, hd); leave the rest untouched."""
+    half = cos.size(-1)
+    a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    return torch.cat((a * cos + b * sin, b * cos - a * sin, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, hp: Hyperparameters, xsa: bool):
+        super().__init__()
+        d, kv = hp.model_dim, hp.num_kv_heads * hp.head_dim
+        self.h, self.hkv, self.hd, self.xsa = hp.num_heads, hp.num_kv_heads, hp.head_dim, xsa
+        self.c_q, self.c_k, self.c_v = nn.Linear(d, d, bias=False), nn.Linear(d, kv, bias=False), nn.Linear(d, kv, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], ve: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.h, self.hd)
+        k = self.c_k(x).view(B, T, self.hkv, self.hd)
+        v = self.c_v(x)
+        if ve is not None:
+            v = v + ve
+        v = v.view(B, T, self.hkv, self.hd)
+        q, k = apply_rope(rms(q), *rope), apply_rope(rms(k), *rope)
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        y = attention(q, k, v)  # (B, T, H, hd)
+        if self.xsa:  # remove each head's component along its own token's value direction
+            y = y.reshape(B, T, self.hkv, self.h // self.hkv, self.hd)
+            n = F.normalize(v, dim=-1).unsqueeze(3)
+            y = (y - (y * n).sum(-1, keepdim=True) * n)
+        return self.proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.up_proj = nn.Linear(hp.model_dim, hp.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(hp.mlp_hidden, hp.model_dim, bias=False)
+        self.scale = nn.Parameter(torch.ones(hp.mlp_hidden))
+        self.bias = nn.Parameter(torch.zeros(hp.mlp_hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square() * self.scale.to(x.dtype) + self.bias.to(x.dtype))
+
+
+class Block(nn.Module):
+    def __init__(self, hp: Hyperparameters, i: int):
+        super().__init__()
+        d = hp.model_dim
+        self.attn = Attention(hp, xsa=i >= hp.num_layers - hp.xsa_layers)
+        self.mlp = MLP(hp)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
+        self.ln_c = 1.0 / math.sqrt(i + 1) if hp.ln_scale else 1.0
+
+    def forward(self, x: Tensor, x0: Tensor, rope, ve: Tensor | None) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms(x) * self.ln_c, rope, ve)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms(x) * self.ln_c)
+
+
+class BigramHash(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.embed = nn.Embedding(hp.bigram_buckets, hp.bigram_embed_dim)
+        self.proj = nn.Linear(hp.bigram_embed_dim, hp.model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(hp.bigram_scale_init))
+
+    def buckets(self, ids: Tensor, is_bos: Tensor | None) -> Tensor:
+        last = self.embed.num_embeddings - 1
+        ids32 = ids.to(torch.int32)
+        h = torch.bitwise_xor(36313 * ids32[:, 1:], 27191 * ids32[:, :-1]) % last
+        h = torch.cat([torch.full_like(ids32[:, :1], last), h], dim=1)
+        return h if is_bos is None else torch.where(is_bos, last, h)
+
+    def forward(self, ids: Tensor, is_bos: Tensor | None) -> Tensor:
+        return self.scale * self.proj(self.embed(self.buckets(ids, is_bos)))
+
+
+class SmearGate(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor, is_bos: Tensor | None) -> Tensor:
+        g = torch.sigmoid(self.gate).to(x.dtype)
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        if is_bos is not None:
+            prev = prev.masked_fill(is_bos[..., None], 0.0)
+        return (1 - g) * x + g * prev
+
+
+class ValueEmbedding(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.embed = nn.Embedding(hp.vocab_size, hp.ve_dim)
+        self.proj = nn.Linear(hp.ve_dim, hp.num_kv_heads * hp.head_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.scale * self.proj(self.embed(ids))
+
+
+class GPT(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.hp = hp
+        d, L = hp.model_dim, hp.num_layers
+        self.n_enc = L // 2
+        n_skip = min(self.n_enc, L - self.n_enc)
+        self.tok_emb = nn.Embedding(hp.vocab_size, d)
+        self.bigram_emb = BigramHash(hp)
+        self.smear_gate = SmearGate(d)
+        self.skip_weights = nn.Parameter(torch.ones(n_skip, d))
+        self.skip_gates = nn.Parameter(torch.zeros(n_skip, d))
+        self.blocks = nn.ModuleList(Block(hp, i) for i in range(L))
+        self.ve_layers = {layer: k for k, layer in enumerate(hp.ve_layer_list)}
+        if self.ve_layers:
+            self.ve_shared = ValueEmbedding(hp)
+            self.ve_layer_scales = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in self.ve_layers)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        L = self.hp.num_layers
+        nn.init.normal_(self.tok_emb.weight, std=self.hp.tied_embed_init_std)
+        nn.init.zeros_(self.bigram_emb.embed.weight)
+        if self.ve_layers:
+            nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
+        for name, m in self.named_modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            if name.endswith("attn.proj") or name.endswith("mlp.down_proj"):
+                nn.init.zeros_(m.weight)
+            elif min(m.weight.shape) >= 64:
+                nn.init.orthogonal_(m.weight)
+                if name.endswith("proj"):  # the BigramHash and value-embedding projections
+                    m.weight.mul_(1.0 / math.sqrt(2 * L))
+
+    def forward(self, ids: Tensor, targets: Tensor, score_from: int = 0) -> Tensor:
+        """Per-position cross-entropy (float32, (B, T - score_from)) of targets[:, score_from:]."""
+        hp = self.hp
+        is_bos = (ids == 1) if hp.bos_mask else None
+        x = self.tok_emb(ids) + self.bigram_emb(ids, is_bos)
+        x = self.smear_gate(rms(x), is_bos)
+        x0, skips = x, []
+        rope = rope_angles(hp, ids.size(1), ids.device)
+        ve = self.ve_shared(ids) if self.ve_layers else None
+        for i, block in enumerate(self.blocks):
+            if i >= self.n_enc and skips:
+                j = i - self.n_enc
+                g = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
+                x = g * x + (1 - g) * (self.skip_weights[j].to(x.dtype) * skips.pop())
+            k = self.ve_layers.get(i)
+            x = block(x, x0, rope, None if k is None else ve * self.ve_layer_scales[k].to(ve.dtype))
+            if i < self.n_enc:
+                skips.append(x)
+        x = rms(x[:, score_from:])
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
+        logits = hp.logit_softcap * torch.tanh(logits / hp.logit_softcap)
+        tgt = targets[:, score_from:]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), reduction="none").view(tgt.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers
+# Why: Muon orthogonalises the block matrices (each rank a share, updates summed); AdamW takes the
+# rest. Every parameter's optimizer and LR comes from one explicit role table.
+# ----------------------------------------------------------------------------------------------
+
+# role -> (optimizer, base-LR knob, decoder blocks get DECODER_LR_MULT)
+PARAM_ROLES = {
+    "block_matrix": ("muon", "matrix_lr", True),
+    "bigram_proj": ("muon", "matrix_lr", False),
+    "block_vector": ("adam", "scalar_lr", True),
+    "global": ("adam", "scalar_lr", False),
+    "embedding": ("adam", "tied_embed_lr", False),
+    # bigram_emb.scale: no optimizer owns it in the seed, so training keeps it at 0.05 (TTT does train it)
+    "frozen": (None, None, False),
+}
+
+
+def param_roles(model: GPT) -> dict[str, tuple[str, int]]:
+    """name -> (role, block index or -1), from the module structure; every parameter exactly once."""
+    roles: dict[str, tuple[str, int]] = {}
+    for i, block in enumerate(model.blocks):
+        linear = {f"{n}.weight" for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        for n, _ in block.named_parameters():
+            roles[f"blocks.{i}.{n}"] = ("block_matrix" if n in linear else "block_vector", i)
+    roles["tok_emb.weight"] = ("embedding", -1)
+    roles["bigram_emb.proj.weight"] = ("bigram_proj", -1)
+    roles["bigram_emb.scale"] = ("frozen", -1)
+    for n, _ in model.named_parameters():
+        if not n.startswith("blocks.") and n not in roles:
+            roles[n] = ("global", -1)  # smear gate, skips, bigram table, value embeddings
+    names = {n for n, _ in model.named_parameters()}
+    if set(roles) != names:
+        raise RuntimeError(f"parameter role table out of date: {sorted(set(roles) ^ names)}")
+    return roles
+
+
+def newton_schulz(G: Tensor, steps: int) -> Tensor:
+    """Approximate U V^T of G = U S V^T with the quintic iteration of the seed (bf16)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    X = X / (X.norm() + 1e-7)
+    tall = X.size(0) > X.size(1)
+    if tall:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum -> Newton-Schulz -> sqrt(max(1, rows/cols)) scale, decoupled weight decay.
+    Every rank keeps all momentum buffers (cheap, and checkpoints stay rank-independent); rank r
+    orthogonalises matrices r, r+W, ... and one all-reduce sums the updates."""
+
+    def __init__(self, groups, momentum: float, steps: int, wd: float, ns=newton_schulz):
+        super().__init__(groups, dict(lr=0.0, momentum=momentum, steps=steps, wd=wd))
+        self.ns = ns
+
+    @torch.no_grad()
+    def step(self):
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        flat = torch.zeros(sum(p.numel() for p, _ in params), dtype=torch.float32, device=params[0][0].device)
+        offset = 0
+        for i, (p, g) in enumerate(params):
+            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            buf.mul_(g["momentum"]).add_(p.grad)
+            if i % world == rank:
+                u = self.ns(p.grad.add(buf, alpha=g["momentum"]), g["steps"])
+                flat[offset:offset + p.numel()] = u.flatten().float() * max(1.0, p.size(0) / p.size(1)) ** 0.5
+            offset += p.numel()
+        if world > 1:
+            dist.all_reduce(flat)
+        offset = 0
+        for p, g in params:
+            p.mul_(1 - g["lr"] * g["wd"]).add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-g["lr"])
+            offset += p.numel()
+
+
+def build_optimizers(hp: Hyperparameters, model: GPT) -> list[torch.optim.Optimizer]:
+    groups: dict[tuple[str, float], list] = {}
+    params = dict(model.named_parameters())
+    for name, (role, block) in param_roles(model).items():
+        opt, lr_knob, dec = PARAM_ROLES[role]
+        if opt is not None:
+            lr = getattr(hp, lr_knob) * (hp.decoder_lr_mult if dec and block >= model.n_enc else 1.0)
+            groups.setdefault((opt, lr), []).append(params[name])
+    mk = lambda kind: [dict(params=ps, lr=lr, base_lr=lr) for (o, lr), ps in groups.items() if o == kind]
+    fused = next(model.parameters()).is_cuda
+    return [Muon(mk("muon"), hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
+                 torch.compile(newton_schulz) if fused else newton_schulz),
+            torch.optim.AdamW(mk("adam"), betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
+                              fused=fused)]
+
+
+def lr_multiplier(hp: Hyperparameters, step: int, elapsed_ms: float = 0.0, step_ms: float = 0.0) -> float:
+    """Warm-up, plateau, then warm-down (cosine or linear) to 0 at ITERATIONS or at the wall-clock cap."""
+    warm = min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps else 1.0
+    if hp.max_wallclock_seconds > 0:
+        left_ms = max(hp.max_wallclock_seconds * 1000 - elapsed_ms, 0.0)
+        span_ms = hp.warmdown_iters * step_ms
+        progress = 1.0 - left_ms / span_ms if 0 < span_ms and left_ms < span_ms else 0.0
+    else:
+        start = hp.iterations - hp.warmdown_iters
+        progress = (step - start) / hp.warmdown_iters if hp.warmdown_iters and step >= start else 0.0
+    progress = min(max(progress, 0.0), 1.0)
+    down = 0.5 * (1 + math.cos(math.pi * progress)) if hp.warmdown_shape == "cosine" else 1.0 - progress
+    return warm * down
+
+
+def muon_momentum(hp: Hyperparameters, step: int) -> float:
+    f = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
+    return (1 - f) * hp.muon_momentum_warmup_start + f * hp.muon_momentum
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# Why: a 3.5-hour multi-GPU run must survive a kill: the whole training state (weights, optimizers,
+# EMA, data position, RNG) is one dict, used for checkpoints and for undoing the compile priming.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Process-level facts: distributed rank, device, autocast, the compiled forward and the log."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    compiled: object = None
+    run_dir: Path | None = None
+    log_file: object = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def log(self, msg: str) -> None:
+        if self.main:
+            print(msg, flush=True)
+            if self.log_file is not None:
+                self.log_file.write(msg + "\n")
+                self.log_file.flush()
+
+
+def all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
+    """Average gradients across ranks in one flat all-reduce (missing grads count as zeros)."""
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+        offset += p.numel()
+
+
+class Trainer:
+    def __init__(self, hp: Hyperparameters, rt: Runtime, model: GPT, stream: TokenStream):
+        self.hp, self.rt, self.model, self.stream = hp, rt, model, stream
+        self.opts = build_optimizers(hp, model)
+        self.params = list(model.parameters())
+        self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if hp.ema_decay > 0 else None
+        seqs = hp.train_batch_tokens // hp.train_seq_len
+        self.micro = min(hp.micro_batch_seqs, max(seqs // rt.world, 1))
+        if seqs % (rt.world * self.micro):
+            raise UserError(f"MICRO_BATCH_SEQS={hp.micro_batch_seqs}: {seqs} sequences per step do not split into "
+                            f"{rt.world} ranks x micro-batches of {self.micro}")
+        self.accum = seqs // (rt.world * self.micro)
+        self.step, self.train_ms = 0, 0.0
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        st = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+              "opts": [copy.deepcopy(o.state_dict()) for o in self.opts], "ema": self.ema and dict(self.ema),
+              "data": self.stream.state(), "step": self.step, "train_ms": self.train_ms,
+              "rng": torch.get_rng_state(), "signature": json.dumps(self.hp.model_signature(), sort_keys=True)}
+        if torch.cuda.is_available():
+            st["cuda_rng"] = torch.cuda.get_rng_state()
+        return st
+
+    def load_state(self, st: dict) -> None:
+        self.model.load_state_dict(st["model"])
+        for o, s in zip(self.opts, st["opts"]):
+            o.load_state_dict(s)
+        if self.ema is not None:
+            self.ema = {k: v.clone().to(self.rt.device) for k, v in st["ema"].items()}
+        self.stream.load_state(st["data"])
+        self.step, self.train_ms = int(st["step"]), float(st["train_ms"])
+        torch.set_rng_state(st["rng"])
+        if "cuda_rng" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state(st["cuda_rng"])
+
+    # -- one optimizer step --------------------------------------------------------------------
+    def next_batch(self) -> list[tuple[Tensor, Tensor]]:
+        """One contiguous span per step: world*accum pieces of micro*T+1 tokens; rank r takes r, r+W, ..."""
+        T, n = self.hp.train_seq_len, self.micro * self.hp.train_seq_len + 1
+        span = self.stream.take(self.accum * self.rt.world * n).reshape(self.accum, self.rt.world, n)[:, self.rt.rank]
+        buf = torch.from_numpy(span.astype(np.int64))
+        if self.rt.device.type == "cuda":
+            buf = buf.pin_memory().to(self.rt.device, non_blocking=True)
+        return [(b[:-1].view(-1, T), b[1:].view(-1, T)) for b in buf]
+
+    def train_step(self, lr_mult: float) -> Tensor:
+        hp = self.hp
+        total = torch.zeros((), device=self.rt.device)
+        for x, y in self.next_batch():
+            with self.rt.autocast():
+                loss = self.rt.compiled(x, y).mean()
+            (loss / self.accum).backward()
+            total += loss.detach() / self.accum
+        all_reduce_grads(self.params, self.rt.world)
+        if hp.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, hp.grad_clip_norm)
+        mom = muon_momentum(hp, self.step)
+        for opt in self.opts:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_mult
+                if isinstance(opt, Muon):
+                    g["momentum"] = mom
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                cur = [v.float() for v in self.model.state_dict().values()]
+                ema = list(self.ema.values())
+                torch._foreach_mul_(ema, hp.ema_decay)
+                torch._foreach_add_(ema, cur, alpha=1 - hp.ema_decay)
+        if self.rt.world > 1:
+            dist.all_reduce(total)
+            total /= self.rt.world
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(total), self.step, self.bad_step)
+        self.step += 1
+        return total
+
+    def check_finite(self) -> None:
+        bad = int(self.bad_step)
+        if bad >= 0:
+            raise UserError(f"training loss became non-finite at step {bad + 1}; the last checkpoint (if any) "
+                            "is intact - lower the learning rates or resume from it")
+
+    def prime(self) -> None:
+        """Untimed steps to warm up compilation, then restore every piece of state they touched."""
+        if self.hp.prime_steps == 0 or self.hp.iterations == 0:
+            return
+        saved = self.state()
+        t0 = time.perf_counter()
+        for _ in range(self.hp.prime_steps):
+            self.train_step(lr_multiplier(self.hp, 0))
+        self.load_state(saved)
+        self.bad_step.fill_(-1)
+        self.rt.log(f"prime_steps:{self.hp.prime_steps} prime_time:{(time.perf_counter() - t0):.1f}s (state restored)")
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoint_dir(self) -> Path:
+        return Path(self.hp.checkpoint_dir) if self.hp.checkpoint_dir else self.rt.run_dir / "checkpoints"
+
+    def save_checkpoint(self) -> None:
+        self.check_finite()  # never write a checkpoint of diverged weights
+        if not self.rt.main:
+            return
+        d = self.checkpoint_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        final = d / f"ckpt_{self.step:07d}.pt"
+        atomic_save(self.state(), final)
+        for old in sorted(d.glob("ckpt_*.pt"))[:-2]:
+            old.unlink()
+        self.rt.log(f"checkpoint:{final} step:{self.step}")
+
+    def resume(self) -> None:
+        d = self.checkpoint_dir()
+        for path in sorted(d.glob("ckpt_*.pt"), reverse=True):
+            try:
+                st = torch.load(path, map_location=self.rt.device, weights_only=True)
+            except Exception as e:
+                self.rt.log(f"checkpoint:{path} unreadable ({type(e).__name__}), trying an older one")
+                continue
+            mine = json.dumps(self.hp.model_signature(), sort_keys=True)
+            if st.get("signature") != mine:
+                theirs, now = json.loads(st.get("signature", "{}")), self.hp.model_signature()
+                diff = ", ".join(f"{k.upper()}={theirs.get(k)} in checkpoint vs {now[k]} now" for k in now
+                                 if theirs.get(k) != now[k])
+                raise UserError(f"cannot resume from {path}: model config differs ({diff})")
+            self.load_state(st)
+            self.rt.log(f"resume:{path} step:{self.step}")
+            return
+        self.rt.log(f"resume: no valid checkpoint in {d}, starting from step 0")
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, evaluate) -> None:
+        """Train to ITERATIONS (or the wall-clock cap); validation and checkpoint time is not counted."""
+        hp, rt = self.hp, self.rt
+        t_mark, last = time.perf_counter(), (self.step, self.train_ms)
+        now_ms = lambda: self.train_ms + (time.perf_counter() - t_mark) * 1000
+        while True:
+            elapsed = now_ms()
+            done = self.step >= hp.iterations or (hp.max_wallclock_seconds > 0 and elapsed >= hp.max_wallclock_seconds * 1000)
+            if (hp.val_loss_every and self.step % hp.val_loss_every == 0) or (done and self.step > 0):
+                if rt.device.type == "cuda":
+                    torch.cuda.synchronize()
+                self.train_ms = now_ms()
+                vloss, vbpb = evaluate(self.model)
+                rt.log(f"step:{self.step}/{hp.iterations} val_loss:{vloss:.4f} val_bpb:{vbpb:.4f} "
+                       f"train_time:{self.train_ms:.0f}ms step_avg:{self.train_ms / max(self.step, 1):.2f}ms")
+                t_mark = time.perf_counter()
+            if done:
+                break
+            loss = self.train_step(lr_multiplier(hp, self.step, elapsed, elapsed / max(self.step, 1)))
+            if self.step % hp.train_log_every == 0 or self.step == hp.iterations:
+                self.check_finite()
+                lv, now = loss.item(), now_ms()
+                rate = (self.step - last[0]) * hp.train_batch_tokens / max(now - last[1], 1e-9) * 1000
+                avg = now / self.step
+                rt.log(f"step:{self.step}/{hp.iterations} train_loss:{lv:.4f} train_time:{now:.0f}ms step_avg:{avg:.2f}ms "
+                       f"tok_s:{rate:.0f} eta:{(hp.iterations - self.step) * avg / 1000:.0f}s")
+                last = (self.step, now)
+            if hp.checkpoint_every and self.step % hp.checkpoint_every == 0:
+                self.train_ms = now_ms()
+                self.save_checkpoint()
+                t_mark = time.perf_counter()
+        self.check_finite()
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, fsync, then rename: the final name never holds a partial file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization and the artifact (format int6_clean_per_row_v1)
+# Why: the challenge counts code + compressed weights against 16,000,000 bytes. The layout is the
+# seed's, so its files and ours are interchangeable; reading never unpickles code.
+# ----------------------------------------------------------------------------------------------
+
+QUANT_FORMAT = "int6_clean_per_row_v1"
+KEEP_FLOAT_MAX_NUMEL = 65_536
+FP32_KEEP_PATTERNS = ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
+                      "skip_weight", "skip_weights", "smear_gate", "bigram", "skip_gates", "ve_shared", "ve_layer_scales")
+CLIP_QUANTILES = (0.990, 0.993, 0.995, 0.997, 0.998, 0.999, 0.9993, 0.9995, 0.9997, 0.9999,
+                  0.99993, 0.99995, 0.99997, 0.99999, 1.0)
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ZSTD_LEVEL = 22
+
+
+def quantize_matrix(w: Tensor) -> tuple[Tensor, Tensor, int]:
+    """GPTQ-lite: per-row clip at one of 15 |w| quantiles (chosen per tensor by the lowest mean squared
+    error, first wins ties), scale = max(clip/31, 1/31), q in [-32, 31]. Returns int8 q, fp16 scales and
+    the number of rows on the 1/31 floor. Candidates with identical scales are evaluated once."""
+    t = w.detach().float()
+    clips = torch.quantile(t.abs(), torch.tensor(CLIP_QUANTILES, dtype=torch.float32, device=t.device), dim=1)
+    clips[-1] = t.abs().amax(dim=1)
+    best = None
+    for clip in clips:
+        scale = (clip / 31.0).clamp_min(1.0 / 31.0)
+        if best is not None and torch.equal(scale, best[1]):
+            continue
+        q = torch.clamp(torch.round(t / scale[:, None]), -32, 31)
+        err = float((t - q * scale[:, None]).square().mean())
+        if best is None or err < best[0]:
+            best = (err, scale, q, clip)
+    _, scale, q, clip = best
+    return q.to(torch.int8), scale.to(torch.float16), int((clip < 1.0).sum())
+
+
+def quantize_state_dict(sd: dict[str, Tensor], quant_embed: bool = True) -> tuple[dict, dict]:
+    obj = {"__quant_format__": QUANT_FORMAT, "quantized": {}, "scales": {}, "dtypes": {}, "passthrough": {},
+           "qmeta": {}, "passthrough_orig_dtypes": {}}
+    stats = {"rows": 0, "floor_rows": 0}
+    for name, t in sd.items():
+        t = t.detach().cpu()
+        if not t.is_floating_point():
+            obj["passthrough"][name] = t
+        elif t.numel() <= KEEP_FLOAT_MAX_NUMEL or t.ndim != 2 or (not quant_embed and name == "tok_emb.weight"):
+            if any(p in name for p in FP32_KEEP_PATTERNS):
+                obj["passthrough"][name] = t.float().contiguous()
+            else:
+                obj["passthrough"][name] = t.half().contiguous()
+                obj["passthrough_orig_dtypes"][name] = str(t.dtype).removeprefix("torch.")
+        else:
+            q, s, floor = quantize_matrix(t)
+            obj["quantized"][name], obj["scales"][name] = q, s
+            obj["dtypes"][name] = str(t.dtype).removeprefix("torch.")
+            obj["qmeta"][name] = {"scheme": "per_row", "axis": 0}
+            stats["rows"] += t.size(0)
+            stats["floor_rows"] += floor
+    return obj, stats
+
+
+def dequantize_state_dict(obj: dict) -> dict[str, Tensor]:
+    out = {}
+    for name, q in obj["quantized"].items():
+        out[name] = (q.float() * obj["scales"][name].float().view(-1, 1)).to(FLOAT_DTYPES[obj["dtypes"][name]])
+    for name, t in obj["passthrough"].items():
+        orig = obj.get("passthrough_orig_dtypes", {}).get(name)
+        out[name] = t.to(FLOAT_DTYPES[orig]) if orig else t
+    return out
+
+
+def serialize_artifact(obj: dict) -> bytes:
+    import zstandard
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(buf.getvalue())
+
+
+def read_artifact(path: str, max_bytes: int = 1 << 30) -> dict:
+    """Decompress and load an artifact without executing pickled code; any defect -> UserError."""
+    import zstandard
+
+    def bad(why: str):
+        return UserError(f"artifact {path}: {why}")
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise bad(f"cannot read ({e.strerror})") from None
+    try:
+        params = zstandard.get_frame_parameters(blob)
+        if params.content_size > max_bytes:
+            raise bad(f"declares {params.content_size} decompressed bytes (limit {max_bytes})")
+        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=max_bytes)
+    except zstandard.ZstdError as e:
+        raise bad(f"not a valid zstd stream ({e}); truncated or not an artifact?") from None
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise bad(f"refused to load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(obj, dict) or obj.get("__quant_format__") != QUANT_FORMAT:
+        fmt = obj.get("__quant_format__") if isinstance(obj, dict) else type(obj).__name__
+        raise bad(f"format {fmt!r}, expected {QUANT_FORMAT!r}")
+    for key in ("quantized", "scales", "dtypes", "passthrough"):
+        if not isinstance(obj.get(key), dict):
+            raise bad(f"missing section {key!r}")
+    for name, q in obj["quantized"].items():
+        s = obj["scales"].get(name)
+        if not (isinstance(q, Tensor) and q.dtype == torch.int8 and q.ndim == 2 and isinstance(s, Tensor)
+                and s.numel() == q.size(0) and obj["dtypes"].get(name) in FLOAT_DTYPES):
+            raise bad(f"tensor {name} is malformed")
+    for name, t in obj["passthrough"].items():
+        if not isinstance(t, Tensor) or obj.get("passthrough_orig_dtypes", {}).get(name, "float32") not in FLOAT_DTYPES:
+            raise bad(f"passthrough {name} is malformed")
+    return obj
+
+
+def load_weights(model: GPT, sd: dict[str, Tensor], source: str) -> None:
+    """Load a full state dict; on any mismatch list the differing names and shapes."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in sd.items()}
+    if want != have:
+        diff = [f"{k}: file {have.get(k, 'missing')} vs model {want.get(k, 'absent')}" for k in sorted(set(want) | set(have))
+                if want.get(k) != have.get(k)]
+        raise UserError(f"{source} does not match the configured architecture ({len(diff)} tensors differ: "
+                        + "; ".join(diff[:8]) + ("; ..." if len(diff) > 8 else "") + ")")
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(sd[k])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and test-time training
+# Why: every validation target is scored exactly once. Windows are gathered from one tensor by
+# index (no per-window copies) and the head runs only where targets are scored. TTT scores a chunk
+# before it ever trains on it, so no gradient sees an unscored target.
+# ----------------------------------------------------------------------------------------------
+
+
+def plan_windows(n_tokens: int, seq_len: int, stride: int) -> tuple[Tensor, Tensor]:
+    """Window starts and the first scored position in each window. Standard (stride 0 or >= seq_len):
+    disjoint windows, the tail that does not fill one is dropped. Sliding: starts at multiples of the
+    stride, each window scores its last `stride` targets (the first window all), through the last target."""
+    n_targets = n_tokens - 1
+    if stride == 0 or stride >= seq_len:
+        starts = torch.arange(n_targets // seq_len) * seq_len
+        return starts, torch.zeros_like(starts)
+    last = max(n_targets - seq_len + stride - 1, 0)  # the last start whose scored span begins before the end
+    starts = torch.arange(0, last + 1, stride)
+    offs = torch.full_like(starts, seq_len - stride)
+    offs[0] = 0
+    return starts, offs
+
+
+def rank_share(lo: int, hi: int, rt: Runtime) -> tuple[int, int]:
+    n = hi - lo
+    return lo + n * rt.rank // rt.world, lo + n * (rt.rank + 1) // rt.world
+
+
+@torch.no_grad()
+def score_windows(hp: Hyperparameters, rt: Runtime, padded: Tensor, n_targets: int, starts: Tensor, offs: Tensor,
+                  meter: BpbMeter) -> None:
+    """Score windows (CPU index tensors) in fixed-size batches; padded = tokens + seq_len+1 zeros, on device."""
+    T, B = hp.train_seq_len, hp.eval_batch_seqs
+    ar = torch.arange(T + 1, device=rt.device)
+    for i in range(0, len(starts), B):
+        st, of = starts[i:i + B], offs[i:i + B]
+        n, sf = len(st), int(of.min())
+        st, of = F.pad(st, (0, B - n)).to(rt.device), F.pad(of, (0, B - n), value=T).to(rt.device)
+        g = padded[st[:, None] + ar]
+        x, y = g[:, :-1], g[:, 1:]
+        with rt.autocast():
+            losses = rt.compiled(x, y, sf)
+        j = torch.arange(sf, T, device=rt.device)
+        mask = (j >= of[:, None]) & (st[:, None] + j < n_targets)
+        meter.add(losses, x[:, sf:], y[:, sf:], mask)
+
+
+def evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tables, stride: int) -> tuple[float, float]:
+    """Standard (stride >= seq_len or 0) or sliding evaluation of the current weights."""
+    model.eval()
+    starts, offs = plan_windows(len(val), hp.train_seq_len, stride)
+    lo, hi = rank_share(0, len(starts), rt)
+    meter = BpbMeter(tables, rt.device)
+    padded = F.pad(val, (0, hp.train_seq_len + 1)).to(rt.device)
+    score_windows(hp, rt, padded, len(val) - 1, starts[lo:hi], offs[lo:hi], meter)
+    model.train()
+    return meter.result()
+
+
+def ttt_lr_multiplier(ci: int, n_chunks: int) -> float:
+    w = max(n_chunks // 20, 1)
+    if ci < w:
+        return (ci + 1) / w
+    return 0.5 * (1 + math.cos(math.pi * (ci - w) / max(n_chunks - 1 - w, 1)))
+
+
+def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tables) -> tuple[float, float]:
+    """Legal score-first TTT: for each chunk of TTT_CHUNK_TOKENS targets (by each window's first scored
+    target), score its windows with the current weights, then (unless last) train on its tokens."""
+    T, C = hp.train_seq_len, hp.ttt_chunk_tokens
+    n_targets = len(val) - 1
+    starts, offs = plan_windows(len(val), T, hp.eval_stride)
+    chunk_of = (starts + offs) // C
+    n_chunks = int(chunk_of[-1]) + 1
+    bounds = torch.searchsorted(chunk_of, torch.arange(n_chunks + 1)).tolist()
+    frozen = {id(p) for b in model.blocks[:hp.ttt_freeze_blocks] for p in b.parameters()}
+    trainable = [p for p in model.parameters() if id(p) not in frozen]
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    rt.log(f"ttt:start chunks:{n_chunks} windows:{len(starts)} chunk_tokens:{C} stride:{hp.eval_stride} "
+           f"lr:{hp.ttt_lr} epochs:{hp.ttt_epochs} freeze_blocks:{hp.ttt_freeze_blocks} "
+           f"params_trainable:{sum(p.numel() for p in trainable)} params_frozen:{sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in trainable)}")
+    opt = torch.optim.SGD(trainable, lr=0.0, momentum=hp.ttt_momentum)
+    meter = BpbMeter(tables, rt.device)
+    padded = F.pad(val, (0, T + 1)).to(rt.device)
+    t0, every = time.perf_counter(), max(1, min(10, n_chunks // 20))
+    for ci in range(n_chunks):
+        model.eval()
+        lo, hi = rank_share(bounds[ci], bounds[ci + 1], rt)
+        score_windows(hp, rt, padded, n_targets, starts[lo:hi], offs[lo:hi], meter)
+        c0, c1 = ci * C, min((ci + 1) * C, n_targets)
+        n_seq = (c1 - c0) // T
+        if ci < n_chunks - 1 and hp.ttt_epochs > 0 and n_seq > 0:
+            model.train()
+            for g in opt.param_groups:
+                g["lr"] = hp.ttt_lr * ttt_lr_multiplier(ci, n_chunks)
+            for _ in range(hp.ttt_epochs):
+                for b in range(0, n_seq, hp.ttt_batch_seqs):
+                    nb = min(hp.ttt_batch_seqs, n_seq - b)
+                    s_lo, s_hi = rank_share(b, b + nb, rt)
+                    if s_hi > s_lo:
+                        idx = c0 + torch.arange(s_lo, s_hi, device=rt.device)[:, None] * T + torch.arange(T + 1, device=rt.device)
+                        tok = padded[idx]
+                        with rt.autocast():
+                            loss = rt.compiled(tok[:, :-1], tok[:, 1:]).sum() * (rt.world / (nb * T))
+                        loss.backward()
+                    all_reduce_grads(trainable, rt.world)
+                    if hp.ttt_grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(trainable, hp.ttt_grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+        if (ci + 1) % every == 0 or ci == n_chunks - 1:
+            _, bpb = meter_peek(meter)
+            rate = (ci + 1) / (time.perf_counter() - t0)
+            rt.log(f"ttt_chunk:{ci + 1}/{n_chunks} running_val_bpb:{bpb:.6f} chunks_per_s:{rate:.2f} "
+                   f"eta:{(n_chunks - ci - 1) / rate:.0f}s")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    return meter.result()
+
+
+def meter_peek(meter: BpbMeter) -> tuple[float, float]:
+    """Running result without disturbing the per-rank sums."""
+    m = copy.copy(meter)
+    m.sums = meter.sums.clone()
+    return m.result()
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# Why: one flow for every mode - dry run, training, eval-only - so the final score always comes from
+# the artifact as read back from disk, never from the float model.
+# ----------------------------------------------------------------------------------------------
+
+
+def setup_runtime(hp: Hyperparameters) -> Runtime:
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    kind = hp.device if hp.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("DEVICE=cuda but no CUDA device is visible")
+    device = torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
+    if kind == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", **({"device_id": device} if kind == "cuda" else {}))
+    return Runtime(rank=rank, world=world, device=device)
+
+
+def open_run_dir(hp: Hyperparameters, rt: Runtime) -> Hyperparameters:
+    """RUNS_DIR/RUN_ID, created fresh (or reused by RESUME=1); one RUN_ID shared by all ranks."""
+    run_id = hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
+    if rt.world > 1:
+        box = [run_id]
+        dist.broadcast_object_list(box, src=0)
+        run_id = box[0]
+    hp = dataclasses.replace(hp, run_id=run_id)
+    rt.run_dir = Path(hp.runs_dir) / run_id
+    if rt.main:
+        if (rt.run_dir / "train.log").exists() and not hp.resume:
+            raise UserError(f"run folder {rt.run_dir} already holds a run; choose another RUN_ID or set RESUME=1")
+        rt.run_dir.mkdir(parents=True, exist_ok=True)
+        rt.log_file = open(rt.run_dir / "train.log", "a", encoding="utf-8")
+    return hp
+
+
+def log_header(hp: Hyperparameters, rt: Runtime) -> None:
+    for f in dataclasses.fields(hp):
+        rt.log(f"config:{f.name.upper()}={getattr(hp, f.name)}")
+    dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or platform.machine()
+    rt.log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+           f"cuda:{torch.version.cuda} flash_attn3:{_fa3 is not None}")
+    rt.log(f"device:{rt.device.type} name:{dev} world_size:{rt.world} cpu_threads:{torch.get_num_threads()}")
+
+
+def final_evaluation(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tables) -> dict:
+    """The configured final mode on the current (artifact) weights, with its log lines."""
+    sliding = 0 < hp.eval_stride < hp.train_seq_len
+    mode = "ttt" if hp.ttt_enabled and sliding else "sliding" if sliding else "standard"
+    t0 = time.perf_counter()
+    pre_loss, pre_bpb = evaluate(hp, rt, model, val, tables, hp.eval_stride if mode == "ttt" else 0)
+    rt.log(f"pre_ttt_eval mode:{'sliding' if mode == 'ttt' else 'standard'} val_loss:{pre_loss:.8f} val_bpb:{pre_bpb:.8f}")
+    rt.log(f"final_eval_mode:{mode} stride:{hp.eval_stride} seq_len:{hp.train_seq_len}")
+    if mode == "ttt":
+        loss, bpb = ttt_evaluate(hp, rt, model, val, tables)
+    elif mode == "sliding":
+        loss, bpb = evaluate(hp, rt, model, val, tables, hp.eval_stride)
+    else:
+        loss, bpb = pre_loss, pre_bpb
+    secs = time.perf_counter() - t0
+    rt.log(f"final_int6_zstd-22_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval:{secs * 1000:.0f}ms")
+    rt.log(f"final_int6_zstd-22_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    return {"val_loss": loss, "val_bpb": bpb, "pre_ttt_val_bpb": pre_bpb, "eval_time_seconds": round(secs, 1)}
+
+
+def run(hp: Hyperparameters, rt: Runtime) -> int:
+    random.seed(hp.seed)
+    np.random.seed(hp.seed)
+    torch.manual_seed(hp.seed)
+    sp = load_tokenizer(hp)
+    tables = byte_tables(sp, hp.vocab_size)
+    val = load_validation(hp)
+    train_files = [] if hp.eval_only else shard_files(hp.data_path, "train")
+    stream = None if hp.eval_only else TokenStream(train_files)
+    model = GPT(hp).to(rt.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    if hp.dry_run:
+        for f in dataclasses.fields(hp):
+            print(f"config:{f.name.upper()}={getattr(hp, f.name)}")
+        n_train = sum(len(s) for s in stream.shards) if stream else 0
+        print(f"data: train_shards:{len(train_files)} train_tokens:{n_train} val_tokens:{len(val)} tokenizer:{hp.tokenizer_path}")
+        print(f"model_params:{n_params}")
+        return 0
+    hp = open_run_dir(hp, rt)
+    log_header(hp, rt)
+    rt.log(f"model_params:{n_params}")
+    use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
+    rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
+    code_bytes = len(Path(__file__).read_bytes())
+    result = {"bytes_code": code_bytes, "parameters": n_params, "seed": hp.seed, "training_steps": 0, "wallclock_seconds": 0}
+    if hp.eval_only:
+        obj = read_artifact(hp.artifact)
+        load_weights(model, dequantize_state_dict(obj), f"artifact {hp.artifact}")
+        result["bytes_model"] = len(Path(hp.artifact).read_bytes())
+        rt.log(f"eval_only artifact:{hp.artifact} bytes:{result['bytes_model']}")
+    else:
+        trainer = Trainer(hp, rt, model, stream)
+        rt.log(f"batch: global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro} grad_accum:{trainer.accum}")
+        if hp.resume:
+            trainer.resume()
+        if trainer.step == 0:
+            trainer.prime()
+        trainer.run(lambda m: evaluate(hp, rt, m, val, tables, 0))
+        result.update(training_steps=trainer.step, wallclock_seconds=round(trainer.train_ms / 1000))
+        if rt.device.type == "cuda":
+            rt.log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
+                   f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
+        if trainer.ema is not None:
+            load_weights(model, trainer.ema, "EMA weights")
+            rt.log("ema:applied")
+        float_loss, float_bpb = evaluate(hp, rt, model, val, tables, 0)
+        rt.log(f"float_eval val_loss:{float_loss:.8f} val_bpb:{float_bpb:.8f}")
+        path = rt.run_dir / "final_model.int6.ptz"
+        if rt.main:
+            t0 = time.perf_counter()
+            atomic_save(model.state_dict(), rt.run_dir / "final_model.pt")
+            obj, stats = quantize_state_dict(model.state_dict(), hp.quant_embed)
+            blob = serialize_artifact(obj)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(blob)
+            os.replace(tmp, path)
+            rt.log(f"quant: rows:{stats['rows']} floor_rows:{stats['floor_rows']} "
+                   f"floor_fraction:{stats['floor_rows'] / max(stats['rows'], 1):.4f} time:{time.perf_counter() - t0:.1f}s")
+        if rt.world > 1:
+            dist.barrier()
+        load_weights(model, dequantize_state_dict(read_artifact(str(path))), f"artifact {path}")
+        result["bytes_model"] = path.stat().st_size
+        q_loss, q_bpb = evaluate(hp, rt, model, val, tables, 0)
+        rt.log(f"quant_eval val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f} quant_gap_bpb:{q_bpb - float_bpb:+.6f}")
+    result["bytes_total"] = result["bytes_model"] + code_bytes
+    rt.log(f"bytes_model:{result['bytes_model']} bytes_code:{code_bytes} bytes_total:{result['bytes_total']} "
+           f"limit:{hp.artifact_limit_bytes}")
+    result.update(final_evaluation(hp, rt, model, val, tables))
+    if rt.main:
+        write_submission(hp, rt, result)
+    if result["bytes_total"] > hp.artifact_limit_bytes:
+        raise UserError(f"artifact too large: {result['bytes_total']} bytes is {result['bytes_total'] - hp.artifact_limit_bytes} "
+                        f"over the {hp.artifact_limit_bytes}-byte cap (outputs kept in {rt.run_dir})")
+    return 0
+
+
+def write_submission(hp: Hyperparameters, rt: Runtime, r: dict) -> None:
+    gpu = f"{rt.world}x{torch.cuda.get_device_name(rt.device)}" if rt.device.type == "cuda" else f"{rt.world}xCPU"
+    sub = {"author": hp.submission_author, "github_id": hp.submission_github_id,
+           "name": "11L GEPA + 25k Steps + Pure Int6 + Legal TTT (reproduction)",
+           "blurb": "11-layer GEPA transformer, Muon/AdamW + EMA, int6 GPTQ-lite + zstd-22, legal score-first TTT",
+           "date": time.strftime("%Y-%m-%d"), "track": "non_record_16mb", "val_loss": round(r["val_loss"], 8),
+           "val_bpb": round(r["val_bpb"], 8), "pre_ttt_val_bpb": round(r["pre_ttt_val_bpb"], 8),
+           "bytes_model": r["bytes_model"], "bytes_code": r["bytes_code"], "bytes_total": r["bytes_total"],
+           "eval_time_seconds": r["eval_time_seconds"], "gpu": gpu, "training_steps": r["training_steps"],
+           "wallclock_seconds": r["wallclock_seconds"], "seed": hp.seed, "parameters": r["parameters"]}
+    (rt.run_dir / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")
+    rt.log(f"submission:{rt.run_dir / 'submission.json'}")
+
+
+def main() -> int:
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(help_text())
+        return 0
+    rt = None
+    try:
+        hp = Hyperparameters.from_env()
+        rt = setup_runtime(hp)
+        return run(hp, rt)
+    except UserError as e:
+        if rt is None or rt.main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            if rt is not None and rt.log_file is not None:
+                rt.log_file.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
