@@ -745,7 +745,7 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
         st = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-              "opts": [copy.deepcopy(o.state_dict()) for o in self.opts], "ema": self.ema and dict(self.ema),
+              "opts": [copy.deepcopy(o.state_dict()) for o in self.opts], "ema": self.ema and {k: v.clone() for k, v in self.ema.items()},
               "data": self.stream.state(), "step": self.step, "train_ms": self.train_ms,
               "rng": torch.get_rng_state(), "signature": json.dumps(self.hp.model_signature(), sort_keys=True)}
         if torch.cuda.is_available():

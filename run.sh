@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# run.sh — one entry point for every job. Usage: ./run.sh [smoke|test|data [N]|train|eval ARTIFACT|bench]
+#   smoke (default)  end to end on the CPU in minutes, no download: tokenizer + shards from Python's own
+#                    docstrings (or the downloaded FineWeb sample if present), train, artifact, TTT, final line
+#   test             the test suite (what CI runs)
+#   data [N]         download the sp1024 tokenizer, the validation split and N train shards (default 80)
+#   train            the seed's 25k-step run on all visible GPUs (override any knob through the environment)
+#   eval ARTIFACT    score an artifact without training (EVAL_ONLY)
+#   bench            training throughput, step time and peak memory at the seed config on this device
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+
+setup() {  # a virtualenv that reuses an already installed torch (e.g. the CUDA build on a GPU node)
+  if [ ! -x "$PY" ]; then
+    python3 -m venv --system-site-packages "$VENV"
+  fi
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+  fi
+  "$PY" -c "import numpy, sentencepiece, zstandard" 2>/dev/null || "$PY" -m pip install -q -r requirements.txt
+  if [ "${1:-}" = test ]; then
+    "$PY" -c "import pytest" 2>/dev/null || "$PY" -m pip install -q pytest
+  fi
+}
+
+gpus() { "$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))"; }
+
+cmd=${1:-smoke}
+shift || true
+case "$cmd" in
+  test)
+    setup test
+    exec "$PY" -m pytest -q tests
+    ;;
+  smoke)
+    setup
+    DATA=${SMOKE_DATA:-runs/smoke_data}
+    if [ -f data/datasets/fineweb10B_sp1024/fineweb_val_000000.bin ] && [ -z "${SMOKE_DATA:-}" ]; then
+      export DATA_PATH=data/datasets/fineweb10B_sp1024 TOKENIZER_PATH=data/tokenizers/fineweb_1024_bpe.model
+      export VAL_MAX_TOKENS=${VAL_MAX_TOKENS:-65536}
+    else
+      "$PY" - "$DATA" <<'PYEOF'
+# Build a small corpus from the docstrings of the Python standard library, train a 1,024-piece
+# SentencePiece BPE tokenizer with the challenge's settings and write shards in the challenge format.
+import inspect, io, os, pkgutil, sys, warnings
+import numpy as np, sentencepiece as spm
+out = sys.argv[1]
+if os.path.exists(os.path.join(out, "fineweb_val_000000.bin")):
+    sys.exit(0)
+os.makedirs(out, exist_ok=True)
+warnings.filterwarnings("ignore")
+docs, seen = [], set()
+for m in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
+    if m.name.startswith(("_", "test", "idlelib", "tkinter", "turtle", "antigravity", "this")) or "." in m.name:
+        continue
+    try:
+        mod = __import__(m.name)
+    except BaseException:
+        continue
+    for obj in [mod] + [v for _, v in sorted(vars(mod).items()) if inspect.isclass(v) or inspect.isfunction(v)]:
+        d = inspect.getdoc(obj)
+        if d and len(d) > 200 and d not in seen:
+            seen.add(d)
+            docs.append(d)
+    if sum(map(len, docs)) > 6_000_000:
+        break
+text = "\n".join(docs)
+spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_prefix=os.path.join(out, "tokenizer"),
+    vocab_size=1024, model_type="bpe", normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True,
+    add_dummy_prefix=False, byte_fallback=False, bos_id=1, eos_id=2, unk_id=3, pad_id=0,
+    character_coverage=0.9995, train_extremely_large_corpus=False, minloglevel=2)
+sp = spm.SentencePieceProcessor(model_file=os.path.join(out, "tokenizer.model"))
+def write(path, docs):
+    toks = np.concatenate([np.array([1] + sp.encode(d), dtype=np.uint16) for d in docs])
+    header = np.zeros(256, dtype="<i4"); header[:3] = (20240520, 1, len(toks))
+    with open(path, "wb") as f:
+        f.write(header.tobytes()); f.write(toks.astype("<u2").tobytes())
+    return len(toks)
+n_val = max(len(docs) // 20, 1)
+print(f"smoke data: {len(docs)} docstrings, val tokens {write(os.path.join(out, 'fineweb_val_000000.bin'), docs[:n_val])}, "
+      f"train tokens {write(os.path.join(out, 'fineweb_train_000000.bin'), docs[n_val:])}")
+PYEOF
+      export DATA_PATH="$DATA" TOKENIZER_PATH="$DATA/tokenizer.model"
+    fi
+    # A 4-block model of the same architecture; every stage of the real run, in about two minutes.
+    export NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-128} NUM_HEADS=${NUM_HEADS:-4} NUM_KV_HEADS=${NUM_KV_HEADS:-2}
+    export MLP_HIDDEN=${MLP_HIDDEN:-384} VE_LAYERS=${VE_LAYERS:-2,3} XSA_LAYERS=${XSA_LAYERS:-2} TTT_FREEZE_BLOCKS=${TTT_FREEZE_BLOCKS:-1}
+    export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-256} ROPE_TRAIN_SEQ_LEN=${ROPE_TRAIN_SEQ_LEN:-256}
+    export TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-8192} MICRO_BATCH_SEQS=${MICRO_BATCH_SEQS:-32}
+    export ITERATIONS=${ITERATIONS:-150} WARMDOWN_ITERS=${WARMDOWN_ITERS:-60} WARMUP_STEPS=${WARMUP_STEPS:-10}
+    export PRIME_STEPS=${PRIME_STEPS:-0} VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-50} TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-25}
+    export EMA_DECAY=${EMA_DECAY:-0.95} VAL_MAX_TOKENS=${VAL_MAX_TOKENS:-32768} EVAL_STRIDE=${EVAL_STRIDE:-64}
+    export TTT_CHUNK_TOKENS=${TTT_CHUNK_TOKENS:-4096} TTT_EPOCHS=${TTT_EPOCHS:-2} RUN_ID=${RUN_ID:-smoke_$(date +%Y%m%d_%H%M%S)}
+    exec "$PY" train_gpt.py
+    ;;
+  data)
+    setup
+    "$PY" -c "import huggingface_hub" 2>/dev/null || "$PY" -m pip install -q huggingface_hub
+    "$PY" - "${1:-80}" <<'PYEOF'
+# Resumable download of the challenge's sp1024 data, then a check of every shard's header and size.
+import glob, os, sys
+from huggingface_hub import hf_hub_download
+n = int(sys.argv[1]); repo = "willdepueoai/parameter-golf"
+files = ["datasets/tokenizers/fineweb_1024_bpe.model", "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin"]
+files += [f"datasets/datasets/fineweb10B_sp1024/fineweb_train_{i:06d}.bin" for i in range(n)]
+for i, f in enumerate(files):
+    print(f"[{i + 1}/{len(files)}] {f}", flush=True)
+    hf_hub_download(repo, f, repo_type="dataset", local_dir="data_hf")
+for sub in ("tokenizers", "datasets"):
+    os.makedirs("data", exist_ok=True)
+    if not os.path.exists(f"data/{sub}"):
+        os.symlink(os.path.abspath(f"data_hf/datasets/{sub}"), f"data/{sub}")
+sys.path.insert(0, "."); import train_gpt as tg
+shards = sorted(glob.glob("data/datasets/fineweb10B_sp1024/*.bin"))
+print(f"verified {len(shards)} shards, {sum(len(tg.open_shard(s)) for s in shards):,} tokens")
+PYEOF
+    ;;
+  train)
+    setup
+    exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-$(gpus)}" train_gpt.py
+    ;;
+  eval)
+    [ $# -ge 1 ] || { echo "usage: ./run.sh eval path/to/final_model.int6.ptz" >&2; exit 2; }
+    setup
+    EVAL_ONLY=1 ARTIFACT="$1" exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-$(gpus)}" train_gpt.py
+    ;;
+  bench)
+    setup
+    exec "$PY" tests/bench.py "$@"
+    ;;
+  *)
+    sed -n '2,10p' "$0" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,238 @@
+"""Config: defaults reproduce the seed's model, bad knobs fail as one clean line (exit 2), --help lists every knob."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+from conftest import ROOT, SAMPLE, TOKENIZER, clean_env, tg
+
+FIXTURE_ENV = dict(DATA_PATH=str(SAMPLE), TOKENIZER_PATH=str(TOKENIZER))
+
+# Every subprocess case of this file, started together (each is ~1-2 s of interpreter + torch import).
+CLI_BAD = [
+    (dict(NUM_LAYERS="abc"), ("NUM_LAYERS",)),
+    (dict(NUM_HEADS="7"), ("NUM_HEADS",)),
+    (dict(TTT_EPOCH="3"), ("TTT_EPOCHS",)),
+    (dict(LATE_QAT="1"), ("LATE_QAT",)),
+]
+CLI_CASES = {
+    "default_dry_run": (dict(FIXTURE_ENV, DRY_RUN="1"), ()),
+    "help": ({}, ("--help",)),
+    **{f"bad{i}": (dict(FIXTURE_ENV, DRY_RUN="1", **env), ()) for i, (env, _) in enumerate(CLI_BAD)},
+}
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """name -> finished process (returncode, stdout, stderr) of each CLI_CASES entry, run concurrently."""
+    procs = {name: subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py"), *args], env=clean_env(**env), cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (env, args) in CLI_CASES.items()}
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        out[name] = SimpleNamespace(returncode=p.returncode, stdout=stdout, stderr=stderr)
+    return out
+
+
+def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
+    """SPEC.md section 4, written out: d=512, L=11, H=8, Hkv=4 (kv width 256), V=1024, VE layers 9 and 10."""
+    shapes = {
+        "tok_emb.weight": (1024, 512),
+        "bigram_emb.scale": (),
+        "bigram_emb.embed.weight": (2048, 128),
+        "bigram_emb.proj.weight": (512, 128),
+        "smear_gate.gate": (512,),
+        "skip_weights": (5, 512),
+        "skip_gates": (5, 512),
+    }
+    for i in range(11):
+        shapes.update({
+            f"blocks.{i}.attn_scale": (512,),
+            f"blocks.{i}.mlp_scale": (512,),
+            f"blocks.{i}.resid_mix": (2, 512),
+            f"blocks.{i}.attn.q_gain": (8,),
+            f"blocks.{i}.attn.c_q.weight": (512, 512),
+            f"blocks.{i}.attn.c_k.weight": (256, 512),
+            f"blocks.{i}.attn.c_v.weight": (256, 512),
+            f"blocks.{i}.attn.proj.weight": (512, 512),
+            f"blocks.{i}.mlp.scale": (1536,),
+            f"blocks.{i}.mlp.bias": (1536,),
+            f"blocks.{i}.mlp.up_proj.weight": (1536, 512),
+            f"blocks.{i}.mlp.down_proj.weight": (512, 1536),
+        })
+    shapes.update({
+        "ve_shared.scale": (),
+        "ve_shared.embed.weight": (1024, 128),
+        "ve_shared.proj.weight": (256, 128),
+        "ve_layer_scales.0": (1,),
+        "ve_layer_scales.1": (1,),
+    })
+    return shapes
+
+
+def assert_one_line_error(proc, *names: str) -> str:
+    """Exit code 2, exactly one non-empty stderr line, no traceback, and it names at least one of `names`."""
+    assert proc.returncode == 2, f"rc={proc.returncode}\nstdout:{proc.stdout[-2000:]}\nstderr:{proc.stderr[-2000:]}"
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert any(n in lines[0] for n in names), f"{lines[0]!r} names none of {names}"
+    return lines[0]
+
+
+# -- defaults ------------------------------------------------------------------------------------
+
+def test_default_dry_run_prints_seed_param_count(fixtures_present, cli):
+    proc = cli["default_dry_run"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert re.search(r"^model_params:27030108$", proc.stdout, re.M), proc.stdout[-2000:]
+    # the dry run prints the resolved config: the defaults are the seed run's
+    for line in ("config:NUM_LAYERS=11", "config:MODEL_DIM=512", "config:ITERATIONS=25000", "config:EMA_DECAY=0.997",
+                 "config:TRAIN_BATCH_TOKENS=786432", "config:EVAL_STRIDE=64", "config:TTT_ENABLED=True"):
+        assert re.search(rf"^{re.escape(line)}$", proc.stdout, re.M), line
+    # and it really opened the fixture data (2 train shards, the val shard's header count)
+    assert "train_shards:2 " in proc.stdout and "val_tokens:402697 " in proc.stdout
+
+
+def test_default_model_state_dict_matches_spec(monkeypatch):
+    hp = tg.Hyperparameters()
+    assert hp == tg.Hyperparameters.from_env({})  # an empty environment is the default config
+    monkeypatch.setattr(tg.GPT, "reset_parameters", lambda self: None)  # shapes only: skip the slow orthogonal init
+    model = tg.GPT(hp)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    want = expected_state_dict_shapes()
+    assert sorted(set(got) - set(want)) == [] and sorted(set(want) - set(got)) == []
+    assert got == want
+    assert sum(p.numel() for p in model.parameters()) == 27_030_108
+    assert sum(v.numel() for v in model.state_dict().values()) == 27_030_108  # no extra buffers
+    assert sum(p.numel() for p in model.parameters()) == sum(math_prod(s) for s in want.values())
+
+
+def math_prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def test_default_hyperparameters_are_the_seed_run():
+    hp = tg.Hyperparameters()
+    assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.head_dim, hp.mlp_hidden) == (11, 512, 8, 4, 64, 1536)
+    assert (hp.vocab_size, hp.bigram_buckets, hp.bigram_embed_dim, hp.rope_dims, hp.xsa_layers) == (1024, 2048, 128, 16, 4)
+    assert hp.ve_layer_list == (9, 10)
+    assert (hp.train_seq_len, hp.train_batch_tokens, hp.iterations, hp.warmdown_iters) == (2048, 786432, 25000, 13000)
+    assert (hp.matrix_lr, hp.scalar_lr, hp.tied_embed_lr, hp.muon_wd, hp.adam_wd) == (0.025, 0.025, 0.035, 0.04, 0.04)
+    assert (hp.ema_decay, hp.grad_clip_norm, hp.eval_stride, hp.ttt_chunk_tokens, hp.ttt_epochs) == (0.997, 0.3, 64, 32768, 10)
+    assert hp.warmdown_shape == "cosine" and hp.ttt_enabled and hp.artifact_limit_bytes == 16_000_000
+
+
+# -- malformed values and impossible combinations (in-process) -----------------------------------
+
+BAD = [
+    # (env, variable(s) the message must name, extra text the message must hold)
+    (dict(NUM_LAYERS="abc"), ("NUM_LAYERS",), None),
+    (dict(MODEL_DIM="5.5"), ("MODEL_DIM",), None),
+    (dict(EMA_DECAY="nan"), ("EMA_DECAY",), None),
+    (dict(EMA_DECAY="inf"), ("EMA_DECAY",), None),
+    (dict(MATRIX_LR="fast"), ("MATRIX_LR",), None),
+    (dict(TTT_ENABLED="maybe"), ("TTT_ENABLED",), None),
+    (dict(WARMDOWN_SHAPE="square"), ("WARMDOWN_SHAPE",), None),
+    (dict(DEVICE="tpu"), ("DEVICE",), None),
+    (dict(ITERATIONS="-5"), ("ITERATIONS",), None),
+    (dict(TTT_LR="-0.1"), ("TTT_LR",), None),
+    (dict(NUM_HEADS="0"), ("NUM_HEADS",), None),
+    (dict(NUM_HEADS="7"), ("NUM_HEADS",), None),                                     # 7 does not divide 512
+    (dict(NUM_KV_HEADS="3"), ("NUM_KV_HEADS",), None),                               # 8 heads not divisible by 3
+    (dict(MODEL_DIM="72", NUM_HEADS="8", NUM_KV_HEADS="4", ROPE_DIMS="8"), ("MODEL_DIM", "NUM_HEADS"), None),  # head dim 9
+    (dict(ROPE_DIMS="80"), ("ROPE_DIMS",), None),                                    # > head dim 64
+    (dict(ROPE_DIMS="15"), ("ROPE_DIMS",), None),                                    # odd
+    (dict(VE_LAYERS="11"), ("VE_LAYERS",), None),                                    # only blocks 0..10
+    (dict(VE_LAYERS="-1"), ("VE_LAYERS",), None),
+    (dict(VE_LAYERS="9,9"), ("VE_LAYERS",), None),
+    (dict(VE_LAYERS="nine"), ("VE_LAYERS",), None),
+    (dict(NUM_LAYERS="4", VE_LAYERS="9,10"), ("VE_LAYERS",), None),
+    (dict(XSA_LAYERS="12"), ("XSA_LAYERS",), None),
+    (dict(TRAIN_BATCH_TOKENS="1000"), ("TRAIN_BATCH_TOKENS",), None),                # not a multiple of 2048
+    (dict(EVAL_ONLY="1"), ("ARTIFACT",), None),
+    (dict(TTT_EPOCH="3"), ("TTT_EPOCH",), "did you mean TTT_EPOCHS"),
+    (dict(NUM_LAYER="3"), ("NUM_LAYER",), "did you mean NUM_LAYERS"),
+    (dict(LATE_QAT="1"), ("LATE_QAT",), None),
+    (dict(TTT_OPTIMIZER="adamw"), ("TTT_OPTIMIZER",), None),
+    (dict(EMA_ENABLED="0"), ("EMA_ENABLED",), None),
+]
+
+
+@pytest.mark.parametrize("env,names,extra", BAD, ids=[" ".join(f"{k}={v}" for k, v in e.items()) for e, _, _ in BAD])
+def test_bad_config_raises_user_error(env, names, extra):
+    with pytest.raises(tg.UserError) as info:
+        tg.Hyperparameters.from_env(env)
+    msg = str(info.value)
+    assert "\n" not in msg.strip(), msg
+    assert any(n in msg for n in names), f"{msg!r} names none of {names}"
+    if extra:
+        assert extra in msg, msg
+
+
+def test_seed_knobs_accepted_at_seed_value():
+    hp = tg.Hyperparameters.from_env(dict(LATE_QAT="0", TTT_OPTIMIZER="sgd", EMA_ENABLED="1", TIE_EMBEDDINGS="1",
+                                          MIXED_QUANT="0", MLP_MULT="3"))
+    assert hp == tg.Hyperparameters()  # accepted and without effect
+
+
+def test_unrelated_environment_is_ignored():
+    """torchrun's and common tool variables are not knobs and must not trip the typo check."""
+    env = {k: "1" for k in ("LOCAL_RANK RANK GROUP_RANK ROLE_RANK LOCAL_WORLD_SIZE WORLD_SIZE GROUP_WORLD_SIZE "
+                            "ROLE_WORLD_SIZE ROLE_NAME MASTER_ADDR MASTER_PORT TORCHELASTIC_RESTART_COUNT "
+                            "TORCHELASTIC_MAX_RESTARTS TORCHELASTIC_RUN_ID TORCHELASTIC_USE_AGENT_STORE "
+                            "TORCH_NCCL_ASYNC_ERROR_HANDLING TORCHELASTIC_ERROR_FILE OMP_NUM_THREADS "
+                            "CUDA_VISIBLE_DEVICES PYTHONPATH NCCL_DEBUG TOKENIZERS_PARALLELISM PATH HOME").split()}
+    assert tg.Hyperparameters.from_env(env) == tg.Hyperparameters()
+
+
+def test_values_are_parsed_and_typed():
+    hp = tg.Hyperparameters.from_env(dict(NUM_LAYERS=" 4 ", VE_LAYERS="2,3", TTT_ENABLED="false", BOS_MASK="TRUE",
+                                          EMA_DECAY="0", WARMDOWN_SHAPE="linear", XSA_LAYERS="2", TTT_FREEZE_BLOCKS="1"))
+    assert hp.num_layers == 4 and isinstance(hp.num_layers, int)
+    assert hp.ttt_enabled is False and hp.bos_mask is True and hp.ema_decay == 0.0
+    assert hp.ve_layer_list == (2, 3) and hp.warmdown_shape == "linear"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        hp.num_layers = 5  # type: ignore[misc]
+
+
+# -- the CLI path: one line on stderr, exit 2 ----------------------------------------------------
+
+@pytest.mark.parametrize("env,names", CLI_BAD, ids=[" ".join(f"{k}={v}" for k, v in e.items()) for e, _ in CLI_BAD])
+def test_bad_config_cli_one_line_exit_2(env, names, cli):
+    proc = cli[f"bad{[e for e, _ in CLI_BAD].index(env)}"]
+    line = assert_one_line_error(proc, *names)
+    if "TTT_EPOCH" in env:
+        assert "did you mean TTT_EPOCHS" in line
+    assert "model_params" not in proc.stdout  # it stopped before building anything
+
+
+# -- --help ------------------------------------------------------------------------------------------
+
+def test_help_lists_every_knob_with_default(cli):
+    proc = cli["help"]
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    fields = dataclasses.fields(tg.Hyperparameters)
+    assert len(fields) > 50
+    for f in fields:
+        name = f.name.upper()
+        rows = [l for l in lines if re.match(rf"^{name}\s", l)]
+        assert len(rows) == 1, f"{name} not listed exactly once in --help"
+        rest = rows[0][len(name):].strip()
+        default = str(f.default)
+        if default:
+            assert rest.startswith(default), f"{name}: default {default!r} not shown: {rows[0]!r}"
+        assert f.metadata["help"] in rows[0], f"{name}: help text missing"

@@ -1,0 +1,345 @@
+"""Optimizers and the training step against SPEC section 5: Newton-Schulz, Muon vs an independent
+reference, LR schedule and Muon momentum, parameter routing, EMA arithmetic, priming undo, NaN detection."""
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import pytest
+import torch
+
+from conftest import SAMPLE, tg, tiny_hp, tiny_model
+
+
+def orth_spectrum(rows: int, cols: int, lo: float, g: torch.Generator):
+    """A matrix U diag(s) V^T with singular values s in [lo, 1], and its polar factor U V^T."""
+    k = min(rows, cols)
+    U, _ = torch.linalg.qr(torch.randn(rows, k, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(cols, k, generator=g))
+    s = torch.empty(k).uniform_(lo, 1.0, generator=g)
+    return U @ torch.diag(s) @ V.T, U @ V.T
+
+
+# ----------------------------------------------------------------------------------------------
+# Newton-Schulz
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(128, 32), (32, 128), (64, 64), (96, 200)])
+def test_newton_schulz_orthogonalises(shape):
+    """5 quintic steps push every singular value into a band around 1 (~0.68..1.14 for these inputs) and the
+    result points along the polar factor U V^T."""
+    g = torch.Generator().manual_seed(1)
+    G, polar = orth_spectrum(*shape, lo=0.1, g=g)
+    for M in (G, torch.randn(*shape, generator=g)) if shape[0] != shape[1] else (G,):
+        X = tg.newton_schulz(M, 5).float()
+        assert X.shape == M.shape
+        s = torch.linalg.svdvals(X)
+        assert s.min() > 0.6 and s.max() < 1.25, (s.min(), s.max())
+    X = tg.newton_schulz(G, 5).float()
+    cos = (X * polar).sum() / (X.norm() * polar.norm())
+    assert cos > 0.97
+    # scale invariance (the input is normalised by its norm)
+    torch.testing.assert_close(tg.newton_schulz(1000.0 * G, 5).float(), X, atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(128, 32), (32, 128), (64, 64)])
+def test_newton_schulz_transpose_symmetry(shape):
+    """NS(G^T) = NS(G)^T (exactly for rectangular matrices, to bf16 precision for square ones)."""
+    g = torch.Generator().manual_seed(2)
+    G = torch.randn(*shape, generator=g)
+    a, b = tg.newton_schulz(G.T, 5).float(), tg.newton_schulz(G, 5).float().T
+    if shape[0] != shape[1]:
+        assert torch.equal(a, b)
+    else:
+        assert (a - b).abs().max() < 0.05
+
+
+def test_newton_schulz_more_steps_converge():
+    g = torch.Generator().manual_seed(3)
+    G, _ = orth_spectrum(64, 48, lo=0.02, g=g)
+    s1 = torch.linalg.svdvals(tg.newton_schulz(G, 1).float())
+    s5 = torch.linalg.svdvals(tg.newton_schulz(G, 5).float())
+    assert s1.min() < 0.5 and s5.min() > 0.6  # one step is not enough for the small singular values
+
+
+# ----------------------------------------------------------------------------------------------
+# Muon
+# ----------------------------------------------------------------------------------------------
+
+def ref_ns_exact(G: torch.Tensor, steps: int) -> torch.Tensor:
+    """The quintic iteration in float64 (no bf16), written independently."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.double()
+    X = X / (X.norm() + 1e-7)
+    flip = X.shape[0] > X.shape[1]
+    if flip:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return (X.T if flip else X).float()
+
+
+def _muon_setup(seed=4):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(48, 16), (16, 40), (24, 24)]
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    grads = [[torch.randn(*s, generator=g) for s in shapes] for _ in range(2)]
+    return params, grads
+
+
+@pytest.mark.parametrize("use_default_ns", [False, True])
+def test_muon_two_steps_match_reference(use_default_ns):
+    """Muon vs the SPEC recipe: buf = m*buf + g; u = NS(g + m*buf) * sqrt(max(1, rows/cols));
+    p = p*(1 - lr*wd) - lr*u; two steps, two groups with different LRs and momenta."""
+    params, grads = _muon_setup()
+    lrs, moms, wd = [0.05, 0.02], [0.9, 0.95], 0.1
+    groups = [dict(params=params[:2], lr=lrs[0]), dict(params=params[2:], lr=lrs[1], momentum=moms[1])]
+    ns = tg.newton_schulz if use_default_ns else ref_ns_exact
+    opt = tg.Muon(groups, momentum=moms[0], steps=5, wd=wd, **({} if use_default_ns else {"ns": ref_ns_exact}))
+    ref_p = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in ref_p]
+    group_of = [0, 0, 1]
+    for step in range(2):
+        for p, gr in zip(params, grads[step]):
+            p.grad = gr.clone()
+        opt.step()
+        for i, gr in enumerate(grads[step]):
+            lr, m = lrs[group_of[i]], moms[group_of[i]]
+            bufs[i] = m * bufs[i] + gr
+            u = ns(gr + m * bufs[i], 5).float() * math.sqrt(max(1.0, ref_p[i].shape[0] / ref_p[i].shape[1]))
+            ref_p[i] = ref_p[i] * (1 - lr * wd) - lr * u
+        for i, p in enumerate(params):
+            if use_default_ns:  # bf16 NS: a rounding flip in its input may move an update entry by a few bf16 ulps
+                assert (p.detach() - ref_p[i]).abs().max() < 0.02 * lrs[group_of[i]]
+            else:
+                torch.testing.assert_close(p.detach(), ref_p[i], atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# LR schedule and Muon momentum
+# ----------------------------------------------------------------------------------------------
+
+def sched_hp(**kw):
+    env = dict(ITERATIONS="25000", WARMDOWN_ITERS="13000", WARMUP_STEPS="20")
+    env.update({k.upper(): str(v) for k, v in kw.items()})
+    return tg.Hyperparameters.from_env(env)
+
+
+@pytest.mark.parametrize("shape", ["cosine", "linear"])
+def test_lr_multiplier_steps(shape):
+    hp = sched_hp(warmdown_shape=shape)
+    f = lambda s: tg.lr_multiplier(hp, s)
+    assert f(0) == pytest.approx(1 / 20)
+    assert f(9) == pytest.approx(10 / 20)
+    assert f(19) == pytest.approx(1.0)
+    assert f(20) == f(5000) == f(12000) == pytest.approx(1.0)
+    assert f(18500) == pytest.approx(0.5)  # midpoint of the warm-down, both shapes
+    quarter = 12000 + 13000 // 4  # 15250
+    want = 0.75 if shape == "linear" else 0.5 * (1 + math.cos(math.pi / 4))
+    assert f(quarter) == pytest.approx(want)
+    assert 0 <= f(24999) < 1e-3
+    assert f(25000) == pytest.approx(0.0, abs=1e-12)
+    vals = [f(s) for s in range(12000, 25001, 250)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))  # monotone warm-down
+
+
+def test_lr_multiplier_default_is_cosine():
+    hp = sched_hp()
+    assert hp.warmdown_shape == "cosine"
+    assert tg.lr_multiplier(hp, 15250) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+@pytest.mark.parametrize("shape", ["cosine", "linear"])
+def test_lr_multiplier_wallclock(shape):
+    """Cap 600 s, step 100 ms, WARMDOWN_ITERS=1000: warm-down over the last 100 s, 0 at the cap."""
+    hp = sched_hp(warmdown_shape=shape, max_wallclock_seconds=600, warmdown_iters=1000)
+    f = lambda elapsed_s, step=3000: tg.lr_multiplier(hp, step, elapsed_s * 1000.0, 100.0)
+    assert f(10) == f(300) == f(499) == pytest.approx(1.0)
+    assert f(550) == pytest.approx(0.5)
+    assert f(575) == pytest.approx(0.25 if shape == "linear" else 0.5 * (1 + math.cos(0.75 * math.pi)))
+    assert f(600) == pytest.approx(0.0, abs=1e-12) and f(700) == pytest.approx(0.0, abs=1e-12)
+    assert f(0, step=0) == pytest.approx(1 / 20)  # warm-up still applies
+    # a slower step rate starts the warm-down earlier: 200 ms/step -> last 200 s
+    assert tg.lr_multiplier(hp, 3000, 450_000.0, 200.0) == pytest.approx(
+        0.75 if shape == "linear" else 0.5 * (1 + math.cos(0.25 * math.pi)))
+
+
+def test_muon_momentum_warmup():
+    hp = sched_hp()
+    assert tg.muon_momentum(hp, 0) == pytest.approx(0.92)
+    assert tg.muon_momentum(hp, 750) == pytest.approx(0.955)
+    assert tg.muon_momentum(hp, 300) == pytest.approx(0.92 + 0.07 * 0.2)
+    assert tg.muon_momentum(hp, 1500) == pytest.approx(0.99)
+    assert tg.muon_momentum(hp, 20000) == pytest.approx(0.99)
+
+
+# ----------------------------------------------------------------------------------------------
+# parameter routing
+# ----------------------------------------------------------------------------------------------
+
+MATRIX_LR, SCALAR_LR, EMBED_LR = 0.011, 0.013, 0.017
+
+
+def expected_route(name: str, n_enc: int):
+    """(optimizer, lr) per SPEC 5, or None for bigram_emb.scale (frozen in the seed)."""
+    if name == "bigram_emb.scale":
+        return None
+    if name == "tok_emb.weight":
+        return ("adam", EMBED_LR)
+    if name == "bigram_emb.proj.weight":
+        return ("muon", MATRIX_LR)
+    m = re.match(r"blocks\.(\d+)\.(.*)", name)
+    if m:
+        mult = 2.0 if int(m.group(1)) >= n_enc else 1.0
+        linear = m.group(2) in {f"attn.{n}.weight" for n in ("c_q", "c_k", "c_v", "proj")} | {
+            "mlp.up_proj.weight", "mlp.down_proj.weight"}
+        return ("muon", MATRIX_LR * mult) if linear else ("adam", SCALAR_LR * mult)
+    assert name.split(".")[0] in {"smear_gate", "skip_weights", "skip_gates", "bigram_emb", "ve_shared",
+                                  "ve_layer_scales"}, name
+    return ("adam", SCALAR_LR)
+
+
+def test_param_roles_cover_every_parameter_once():
+    model = tiny_model()
+    roles = tg.param_roles(model)
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(roles) == sorted(names) and len(names) == len(set(names))
+    assert roles["bigram_emb.scale"][0] == "frozen"
+
+
+def test_build_optimizers_routing():
+    hp = tiny_hp(matrix_lr=MATRIX_LR, scalar_lr=SCALAR_LR, tied_embed_lr=EMBED_LR, decoder_lr_mult=2.0)
+    model = tg.GPT(hp)
+    opts = tg.build_optimizers(hp, model)
+    where: dict[int, list] = {}
+    for opt in opts:
+        kind = "muon" if isinstance(opt, tg.Muon) else "adam" if isinstance(opt, torch.optim.AdamW) else "?"
+        for grp in opt.param_groups:
+            assert grp["base_lr"] == grp["lr"]
+            for p in grp["params"]:
+                where.setdefault(id(p), []).append((kind, grp["lr"]))
+    n_enc = hp.num_layers // 2
+    seen_decoder_matrix = False
+    for name, p in model.named_parameters():
+        want = expected_route(name, n_enc)
+        got = where.get(id(p), [])
+        if want is None:
+            assert got == [], f"{name} must not be optimized (seed leaves it at its init)"
+            continue
+        assert p.requires_grad
+        assert len(got) == 1, f"{name} is in {len(got)} optimizer groups"
+        assert got[0][0] == want[0] and got[0][1] == pytest.approx(want[1]), (name, got, want)
+        seen_decoder_matrix |= name == "blocks.3.attn.c_q.weight"
+    assert seen_decoder_matrix
+    assert len(where) == sum(1 for _ in model.parameters()) - 1
+    muon, adam = opts
+    assert isinstance(muon, tg.Muon) and isinstance(adam, torch.optim.AdamW)
+    assert adam.defaults["betas"] == (0.9, 0.95) and adam.defaults["eps"] == 1e-8
+    assert adam.defaults["weight_decay"] == pytest.approx(0.04)
+    assert all(g["wd"] == pytest.approx(0.04) for g in muon.param_groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer: EMA, priming, non-finite loss
+# ----------------------------------------------------------------------------------------------
+
+def make_trainer(seed=0, **kw):
+    hp = tiny_hp(**kw)
+    torch.manual_seed(seed)
+    model = tg.GPT(hp)
+    rt = tg.Runtime()
+    rt.compiled = model
+    stream = tg.TokenStream(tg.shard_files(str(SAMPLE), "train"))
+    return tg.Trainer(hp, rt, model, stream)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_ema_arithmetic(fixtures_present):
+    d = 0.9
+    tr = make_trainer(ema_decay=d)
+    w = [snapshot(tr.model)]
+    for _ in range(2):
+        tr.train_step(1.0)
+        w.append(snapshot(tr.model))
+    assert set(tr.ema) == set(w[0])
+    moved = 0
+    for k in w[0]:
+        want = d * (d * w[0][k].float() + (1 - d) * w[1][k].float()) + (1 - d) * w[2][k].float()
+        torch.testing.assert_close(tr.ema[k], want, atol=1e-6, rtol=1e-6, msg=k)
+        moved += int(not torch.equal(w[2][k], w[0][k]))
+    assert moved > 10  # the steps really changed the weights
+
+
+def _assert_same(a, b, path="state"):
+    """Recursive bit-for-bit comparison of nested state (tensors, dicts, lists, scalars)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{path} keys differ: {set(a) ^ set(b)}"
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def test_prime_restores_exact_state(fixtures_present):
+    tr = make_trainer(seed=1, prime_steps=3)
+    before = copy.deepcopy(tr.state())  # deep copy: nothing the priming does in place may reach it
+    ema0 = {k: v.clone() for k, v in tr.ema.items()}
+    tr.prime()
+    after = tr.state()
+    _assert_same(before["model"], after["model"], "model")
+    _assert_same(before["opts"], after["opts"], "opts")
+    _assert_same(before["data"], after["data"], "data")
+    assert before["step"] == after["step"] == 0
+    assert torch.equal(before["rng"], after["rng"])
+    _assert_same(ema0, tr.ema, "ema")  # the EMA must not remember the priming steps
+    tr.check_finite()
+    # one step after priming == one step of a fresh identical trainer, bit for bit
+    fresh = make_trainer(seed=1, prime_steps=3)
+    la, lb = tr.train_step(1.0), fresh.train_step(1.0)
+    assert torch.equal(la, lb)
+    _assert_same(fresh.state()["model"], tr.state()["model"], "model after 1 step")
+    _assert_same(fresh.state()["opts"], tr.state()["opts"], "opts after 1 step")
+    _assert_same(fresh.ema, tr.ema, "ema after 1 step")
+    assert fresh.stream.state() == tr.stream.state() and fresh.step == tr.step == 1
+
+
+def test_prime_really_trains_then_undoes(fixtures_present):
+    """Guard for the test above: the priming steps do change the weights while they run."""
+    tr = make_trainer(seed=1, prime_steps=3)
+    w0 = snapshot(tr.model)
+    seen = {}
+    orig = tr.train_step
+
+    def spy(lr):
+        out = orig(lr)
+        seen["w"] = snapshot(tr.model)
+        return out
+    tr.train_step = spy
+    tr.prime()
+    assert not torch.equal(seen["w"]["blocks.0.attn.c_q.weight"], w0["blocks.0.attn.c_q.weight"])
+    assert torch.equal(snapshot(tr.model)["blocks.0.attn.c_q.weight"], w0["blocks.0.attn.c_q.weight"])
+
+
+def test_non_finite_loss_raises_with_step(fixtures_present):
+    tr = make_trainer(seed=2)
+    tr.train_step(1.0)
+    tr.check_finite()  # a healthy step does not raise
+    with torch.no_grad():
+        tr.model.tok_emb.weight.fill_(float("nan"))
+    loss = tr.train_step(1.0)
+    assert not torch.isfinite(loss)
+    tr.train_step(1.0)  # the first bad step is the one reported
+    with pytest.raises(tg.UserError, match=r"\bstep 2\b"):
+        tr.check_finite()

@@ -1,0 +1,348 @@
+"""End-to-end training through the CLI: kill-and-resume, checkpoint safety, config guards, distributed
+equivalence, divergence handling and a falling loss. Every run is a real subprocess of train_gpt.py on the
+sample shards with the TINY config; one uninterrupted run (A) is shared by several tests."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, clean_env, final_line, run_script
+
+pytestmark = pytest.mark.usefixtures("fixtures_present")
+
+# Run A and everything compared with it: 20 steps, a checkpoint every 4 (the folder keeps 16 and 20),
+# validation at 0/10/20, an EMA that matters (decay 0.9), plain standard final eval (no TTT: not the point here).
+CFG_A = {**TINY, "ITERATIONS": "20", "CHECKPOINT_EVERY": "4", "VAL_LOSS_EVERY": "10", "EMA_DECAY": "0.9",
+         "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "VAL_MAX_TOKENS": "4000"}
+
+# Output lines that depend only on the weights and the data (no timings): must match bit for bit.
+EXACT_PREFIXES = ("float_eval ", "quant_eval ", "pre_ttt_eval ", "final_int6_zstd-22_roundtrip_exact ")
+VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) val_bpb:(\S+) ")
+TRAIN_LINE = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) ")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def result_lines(out: str) -> list[str]:
+    """The timing-free result lines: eval lines verbatim, val lines cut before their train_time."""
+    keep = [l for l in out.splitlines() if l.startswith(EXACT_PREFIXES)]
+    keep += [f"step:{m[1]}/{m[2]} val_loss:{m[3]} val_bpb:{m[4]}" for m in map(VAL_LINE.match, out.splitlines()) if m]
+    return keep
+
+
+def val_losses(out: str) -> dict[int, float]:
+    return {int(m[1]): float(m[3]) for m in map(VAL_LINE.match, out.splitlines()) if m}
+
+
+def kv(line: str, key: str) -> float:
+    m = re.search(rf"\b{key}:(\S+)", line)
+    assert m, f"no {key} in {line!r}"
+    return float(m[1])
+
+
+def only_line(out: str, prefix: str) -> str:
+    lines = [l for l in out.splitlines() if l.startswith(prefix)]
+    assert len(lines) == 1, f"expected one {prefix!r} line, got {lines}"
+    return lines[0]
+
+
+def ckpt_files(d: Path) -> list[Path]:
+    return sorted(d.glob("ckpt_*.pt"))
+
+
+def ckpt_step(p: Path) -> int:
+    return int(re.fullmatch(r"ckpt_(\d+)\.pt", p.name)[1])
+
+
+def load_ckpt(p: Path) -> dict:
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def assert_same(a, b, path="state", skip=("train_ms",)):
+    """Recursive exact equality of checkpoint states (tensors with torch.equal, dtype included)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        for k in a:
+            if k not in skip:
+                assert_same(a[k], b[k], f"{path}.{k}", skip)
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]", skip)
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def assert_same_weights(pa: Path, pb: Path) -> None:
+    sa, sb = torch.load(pa, weights_only=True), torch.load(pb, weights_only=True)
+    assert set(sa) == set(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), f"{pb.name}: tensor {k} differs"
+
+
+def snapshot(d: Path) -> dict[str, tuple[str, int]]:
+    return {str(p.relative_to(d)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, f"exit {r.returncode}\nstdout:\n{r.stdout[-2000:]}\nstderr:\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got:\n{r.stderr}"
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- run A
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def run_a(runs):
+    """The uninterrupted reference run."""
+    r = ok(run_script({**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "a"}))
+    return runs / "a", r
+
+
+def copy_checkpoints(src_run: Path, dst_run: Path) -> Path:
+    dst_run.mkdir(parents=True)
+    shutil.copytree(src_run / "checkpoints", dst_run / "checkpoints")
+    return dst_run / "checkpoints"
+
+
+def assert_matches_a(run_a, out: str, run_dir: Path) -> None:
+    """A resumed run ended exactly where run A ended: same result lines, weights, last checkpoint."""
+    a_dir, a = run_a
+    assert final_line(out) == final_line(a.stdout)
+    a_lines, lines = result_lines(a.stdout), result_lines(out)
+    for prefix in EXACT_PREFIXES:  # every eval line of the final phase, verbatim
+        assert [l for l in lines if l.startswith(prefix)] == [l for l in a_lines if l.startswith(prefix)], prefix
+    last = f"step:20/20 val_loss:"
+    assert [l for l in lines if l.startswith(last)] == [l for l in a_lines if l.startswith(last)]
+    assert_same_weights(a_dir / "final_model.pt", run_dir / "final_model.pt")
+    assert (a_dir / "final_model.int6.ptz").read_bytes() == (run_dir / "final_model.int6.ptz").read_bytes()
+    # the whole training state at the end (raw weights, both optimizers, EMA, data position, RNG) is the same
+    assert_same(load_ckpt(a_dir / "checkpoints" / "ckpt_0000020.pt"), load_ckpt(run_dir / "checkpoints" / "ckpt_0000020.pt"))
+    sa, sb = (json.loads((d / "submission.json").read_text()) for d in (a_dir, run_dir))
+    for k in ("val_loss", "val_bpb", "pre_ttt_val_bpb", "training_steps", "bytes_model", "parameters"):
+        assert sa[k] == sb[k], k
+
+
+def test_run_a_outputs_and_checkpoint_rotation(run_a):
+    """The files of a run exist; only the newest two checkpoints are kept, all complete and at their steps."""
+    a_dir, a = run_a
+    for name in ("train.log", "final_model.pt", "final_model.int6.ptz", "submission.json"):
+        assert (a_dir / name).is_file(), name
+    ck = a_dir / "checkpoints"
+    assert [p.name for p in ck.iterdir()] and sorted(p.name for p in ck.iterdir()) == ["ckpt_0000016.pt", "ckpt_0000020.pt"]
+    logged = [int(m[1]) for m in re.finditer(r"^checkpoint:\S+ckpt_\d+\.pt step:(\d+)$", a.stdout, re.M)]
+    assert logged == [4, 8, 12, 16, 20]
+    for p in ckpt_files(ck):
+        st = load_ckpt(p)
+        assert st["step"] == ckpt_step(p)
+    # the log file holds what stdout showed
+    log = (a_dir / "train.log").read_text()
+    assert final_line(log) == final_line(a.stdout)
+    assert json.loads((a_dir / "submission.json").read_text())["training_steps"] == 20
+
+
+# ---------------------------------------------------------------------------------------------- 7. loss falls
+
+def test_loss_falls(run_a):
+    """Validation loss of the raw model: ~ln(1024) at the (near-uniform) init, then clearly lower."""
+    _, a = run_a
+    v = val_losses(a.stdout)
+    assert sorted(v) == [0, 10, 20]
+    assert abs(v[0] - math.log(1024)) < 0.05, v  # tok_emb std 0.005 -> nearly uniform logits at step 0
+    assert v[10] < v[0] - 0.5, v
+    assert v[20] < v[0] - 1.0, v
+    assert v[20] < v[10], v
+
+
+# ---------------------------------------------------------------------------------------------- 1. kill and resume
+
+def test_sigkill_then_resume_equals_uninterrupted(run_a, runs):
+    """SIGKILL run B right after a checkpoint appears (while the next one is being written when we catch it),
+    check that only complete checkpoints carry the final name, then RESUME=1: bit-identical to run A."""
+    env = clean_env(**{**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "b"})
+    ck = runs / "b" / "checkpoints"
+    log_path = runs / "b_killed.out"
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], env=env, cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline, caught_tmp = time.monotonic() + 240, False
+            while time.monotonic() < deadline and proc.poll() is None:
+                names = os.listdir(ck) if ck.is_dir() else []
+                finals = [n for n in names if re.fullmatch(r"ckpt_\d+\.pt", n)]
+                caught_tmp = bool(finals) and any(n.endswith(".tmp") for n in names)
+                if caught_tmp or len(finals) >= 2:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    break
+                time.sleep(0.0005)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    killed_out = log_path.read_text()
+    assert proc.returncode == -signal.SIGKILL, f"run B was not killed (exit {proc.returncode}):\n{killed_out[-2000:]}"
+    assert "final_int6_zstd-22_roundtrip_exact" not in killed_out  # it really stopped mid-training
+    assert not (runs / "b" / "final_model.pt").exists()
+
+    # every file under the final name pattern is complete, whatever moment the kill hit
+    present = ckpt_files(ck)
+    assert present, os.listdir(ck)
+    for p in present:
+        st = load_ckpt(p)
+        assert st["step"] == ckpt_step(p)
+    newest = max(ckpt_step(p) for p in present)
+    assert newest < 20
+
+    r = ok(run_script({**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "b", "RESUME": "1"}))
+    assert re.search(rf"^resume:\S+ckpt_{newest:07d}\.pt step:{newest}$", r.stdout, re.M), r.stdout[-2000:]
+    assert "starting from step 0" not in r.stdout
+    assert_matches_a(run_a, r.stdout, runs / "b")
+    leftovers = [n for n in os.listdir(runs / "b" / "checkpoints") if not n.endswith(".tmp")]
+    assert sorted(leftovers) == ["ckpt_0000016.pt", "ckpt_0000020.pt"], (leftovers, caught_tmp)
+
+
+# ---------------------------------------------------------------------------------------------- 2. unreadable checkpoint
+
+def test_truncated_newest_checkpoint_is_skipped(run_a, runs):
+    """Deterministic resume: A's checkpoints with the newest (step 20) truncated. The resume names it unreadable,
+    continues from step 16 and trains steps 17..20 to exactly A's result."""
+    a_dir, _ = run_a
+    ck = copy_checkpoints(a_dir, runs / "c")
+    bad = ck / "ckpt_0000020.pt"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception):
+        load_ckpt(bad)  # the damage is real
+    r = ok(run_script({**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "c", "RESUME": "1"}))
+    assert re.search(r"^checkpoint:\S+ckpt_0000020\.pt unreadable", r.stdout, re.M), r.stdout[-2000:]
+    assert re.search(r"^resume:\S+ckpt_0000016\.pt step:16$", r.stdout, re.M), r.stdout[-2000:]
+    # it trained the 4 missing steps (step 20 logs a train line and writes a checkpoint again)
+    assert [int(m[1]) for m in map(TRAIN_LINE.match, r.stdout.splitlines()) if m] == [20]
+    assert_matches_a(run_a, r.stdout, runs / "c")
+
+
+# ---------------------------------------------------------------------------------------------- 3. config change
+
+def test_resume_with_other_model_config_is_refused(run_a, runs):
+    a_dir, _ = run_a
+    ck = copy_checkpoints(a_dir, runs / "m")
+    before = snapshot(ck)
+    r = run_script({**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "m", "RESUME": "1", "MODEL_DIM": "32"})
+    line = assert_one_line_error(r)
+    assert "MODEL_DIM" in line and "64" in line and "32" in line, line
+    assert "NUM_LAYERS" not in line and "MLP_HIDDEN" not in line, line  # only the knob that differs is named
+    assert snapshot(ck) == before
+    assert not (runs / "m" / "final_model.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------- 5. no overwrite
+
+def test_same_run_id_without_resume_is_refused(run_a, runs):
+    a_dir, _ = run_a
+    dup = runs / "o"
+    shutil.copytree(a_dir, dup)
+    before = snapshot(dup)
+    r = run_script({**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "o"})
+    line = assert_one_line_error(r)
+    assert str(dup) in line and "RESUME=1" in line and "RUN_ID" in line, line
+    assert snapshot(dup) == before  # not a byte, not an mtime changed
+
+
+# ---------------------------------------------------------------------------------------------- 6. divergence
+
+def test_divergence_exits_with_step_and_keeps_checkpoints(runs):
+    """A Muon LR of 1e6 (ramped over 8 warm-up steps, no clipping) blows up after a few steps. The run stops with
+    exit 2 and names the first step whose loss is non-finite; the checkpoints before it remain and load."""
+    env = {**TINY, "RUNS_DIR": str(runs), "RUN_ID": "nan", "MATRIX_LR": "1e6", "WARMUP_STEPS": "8",
+           "GRAD_CLIP_NORM": "0", "CHECKPOINT_EVERY": "1", "TRAIN_LOG_EVERY": "1", "TTT_ENABLED": "0", "EVAL_STRIDE": "0"}
+    r = run_script(env)
+    line = assert_one_line_error(r)
+    m = re.search(r"non-finite at step (\d+)", line)
+    assert m, line
+    bad = int(m[1])
+    # every step before `bad` was logged with a finite loss, and step `bad` was not logged at all
+    logged = {int(m[1]): float(m[3]) for m in map(TRAIN_LINE.match, r.stdout.splitlines()) if m}
+    assert bad >= 3 and sorted(logged) == list(range(1, bad)), (bad, logged)
+    assert all(math.isfinite(v) for v in logged.values()), logged
+    ck = runs / "nan" / "checkpoints"
+    assert [ckpt_step(p) for p in ckpt_files(ck)] == [bad - 2, bad - 1]  # newest two before divergence, none after
+    for p in ckpt_files(ck):
+        st = load_ckpt(p)
+        assert st["step"] == ckpt_step(p)
+        assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point()), p
+    assert not (runs / "nan" / "final_model.pt").exists()
+    assert line in (runs / "nan" / "train.log").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- 4. torchrun
+
+def test_two_process_torchrun_equals_grad_accumulation(tmp_path):
+    """2 gloo ranks x 1 micro-step == 1 process x 2 micro-steps (same global batch, distributed Muon).
+    Only rank 0 writes: one run folder, each line once, exactly the expected files."""
+    cfg = {**TINY, "ITERATIONS": "12", "MICRO_BATCH_SEQS": "8", "EMA_DECAY": "0", "CHECKPOINT_EVERY": "6",
+           "TTT_ENABLED": "0", "EVAL_STRIDE": "0"}
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    r1 = ok(run_script({**cfg, "RUNS_DIR": str(one_dir), "RUN_ID": "single"}))
+    r2 = ok(run_script({**cfg, "RUNS_DIR": str(two_dir)}, torchrun=2))  # RUN_ID drawn by rank 0, broadcast
+    assert "grad_accum:2" in only_line(r1.stdout, "batch:") and "micro_batch_seqs:8" in only_line(r1.stdout, "batch:")
+    assert "grad_accum:1" in only_line(r2.stdout, "batch:") and "micro_batch_seqs:8" in only_line(r2.stdout, "batch:")
+    assert "world_size:2" in only_line(r2.stdout, "device:")
+
+    for key in ("val_loss", "val_bpb"):
+        for prefix in ("float_eval ", "final_int6_zstd-22_roundtrip_exact "):
+            a, b = kv(only_line(r1.stdout, prefix), key), kv(only_line(r2.stdout, prefix), key)
+            assert abs(a - b) <= 1e-4 * abs(a), (prefix, key, a, b)
+    t1 = {int(m[1]): float(m[3]) for m in map(TRAIN_LINE.match, r1.stdout.splitlines()) if m}
+    t2 = {int(m[1]): float(m[3]) for m in map(TRAIN_LINE.match, r2.stdout.splitlines()) if m}
+    assert sorted(t1) == sorted(t2) == [4, 8, 12]
+    for s in t1:
+        assert abs(t1[s] - t2[s]) <= 2e-4 + 1e-4 * abs(t1[s]), (s, t1[s], t2[s])
+
+    # exactly one run folder with exactly the rank-0 outputs, no stray or temporary files
+    folders = list(two_dir.iterdir())
+    assert len(folders) == 1, folders
+    run2 = folders[0]
+    assert sorted(p.name for p in run2.iterdir()) == sorted(p.name for p in (one_dir / "single").iterdir()) == \
+        ["checkpoints", "final_model.int6.ptz", "final_model.pt", "submission.json", "train.log"]
+    assert sorted(p.name for p in (run2 / "checkpoints").iterdir()) == ["ckpt_0000006.pt", "ckpt_0000012.pt"]
+    for out in (r2.stdout, (run2 / "train.log").read_text()):
+        for prefix in ("model_params:", "float_eval ", "final_int6_zstd-22_roundtrip_exact ", "submission:"):
+            only_line(out, prefix)
+        assert len(re.findall(r"^checkpoint:", out, re.M)) == 2
+    sub = json.loads((run2 / "submission.json").read_text())
+    assert sub["gpu"] == "2xCPU" and sub["training_steps"] == 12
+
+    # same global batch: both consumed the stream to the same position; the weights agree closely
+    c1, c2 = load_ckpt(one_dir / "single" / "checkpoints" / "ckpt_0000012.pt"), load_ckpt(run2 / "checkpoints" / "ckpt_0000012.pt")
+    assert c1["data"] == c2["data"] and c1["step"] == c2["step"] == 12
+    for k, v in c1["model"].items():
+        assert torch.allclose(v, c2["model"][k], rtol=1e-3, atol=1e-4), k
