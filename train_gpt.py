@@ -534,7 +534,7 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.weight)
             elif min(m.weight.shape) >= 64:
                 nn.init.orthogonal_(m.weight)
-                if name.endswith("proj"):  # the BigramHash and value-embedding projections
+                if name.endswith(".proj"):  # the BigramHash and value-embedding projections
                     m.weight.mul_(1.0 / math.sqrt(2 * L))
 
     def forward(self, ids: Tensor, targets: Tensor, score_from: int = 0) -> Tensor:
@@ -792,7 +792,7 @@ class Trainer:
                 if isinstance(opt, Muon):
                     g["momentum"] = mom
             opt.step()
-            opt.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)  # also the frozen role's grads: no stale norm in the next clip
         if self.ema is not None:
             with torch.no_grad():
                 cur = [v.float() for v in self.model.state_dict().values()]
@@ -836,8 +836,8 @@ class Trainer:
         d.mkdir(parents=True, exist_ok=True)
         final = d / f"ckpt_{self.step:07d}.pt"
         atomic_save(self.state(), final)
-        for old in sorted(d.glob("ckpt_*.pt"))[:-2]:
-            old.unlink()
+        for old in sorted(d.glob("ckpt_*.pt"))[:-2] + list(d.glob(".ckpt_*.tmp")):  # incl. leftovers of a kill
+            old.unlink(missing_ok=True)
         self.rt.log(f"checkpoint:{final} step:{self.step}")
 
     def resume(self) -> None:
@@ -925,8 +925,12 @@ def quantize_matrix(w: Tensor) -> tuple[Tensor, Tensor, int]:
     error, first wins ties), scale = max(clip/31, 1/31), q in [-32, 31]. Returns int8 q, fp16 scales and
     the number of rows on the 1/31 floor. Candidates with identical scales are evaluated once."""
     t = w.detach().float()
-    clips = torch.quantile(t.abs(), torch.tensor(CLIP_QUANTILES, dtype=torch.float32, device=t.device), dim=1)
-    clips[-1] = t.abs().amax(dim=1)
+    amax = t.abs().amax(dim=1)
+    clips = amax.repeat(len(CLIP_QUANTILES), 1)
+    big = amax >= 1.0  # rows below 1 sit on the 1/31 floor for every candidate: no quantiles needed
+    if big.any():
+        qs = torch.tensor(CLIP_QUANTILES, dtype=torch.float32, device=t.device)
+        clips[:-1, big] = torch.quantile(t[big].abs(), qs[:-1], dim=1)
     best = None
     for clip in clips:
         scale = (clip / 31.0).clamp_min(1.0 / 31.0)

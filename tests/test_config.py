@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-
-import pytest
-
 import subprocess
 import sys
 from types import SimpleNamespace
+
+import pytest
 
 from conftest import ROOT, SAMPLE, TOKENIZER, clean_env, tg
 
@@ -19,7 +18,6 @@ CLI_BAD = [
     (dict(NUM_LAYERS="abc"), ("NUM_LAYERS",)),
     (dict(NUM_HEADS="7"), ("NUM_HEADS",)),
     (dict(TTT_EPOCH="3"), ("TTT_EPOCHS",)),
-    (dict(LATE_QAT="1"), ("LATE_QAT",)),
 ]
 CLI_CASES = {
     "default_dry_run": (dict(FIXTURE_ENV, DRY_RUN="1"), ()),

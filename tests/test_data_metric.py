@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import ROOT, SAMPLE, TINY, TOKENIZER, clean_env, tg, tiny_hp, tiny_model
 
@@ -29,6 +28,15 @@ def write_shard(path, tokens, magic=MAGIC, version=VERSION, n=None, header_ints=
     with open(path, "wb") as f:
         f.write(header.tobytes() + tokens.tobytes() + tail)
     return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny forwards are fastest single-threaded; on a shared 2-core machine extra threads only oversubscribe."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -159,33 +167,21 @@ def cli_errors(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("baddata")
     (tmp / "empty").mkdir()
 
-    def data_dir(name, val_tokens=None, val_opts=None, bad_train=False):
+    def data_dir(name, val_opts=None):
         d = tmp / name
         d.mkdir()
-        for i, p in enumerate(TRAIN_SHARDS):
-            if bad_train and i == 1:
-                write_shard(d / p.name, range(10), magic=1234)
-            else:
-                os.symlink(p, d / p.name)
-        val = write_shard(d / "fineweb_val_000000.bin", [1, 5, 6, 7] * 50 if val_tokens is None else val_tokens,
-                          **(val_opts or {}))
-        return str(d), val
+        for p in TRAIN_SHARDS:
+            os.symlink(p, d / p.name)
+        return str(d), write_shard(d / "fineweb_val_000000.bin", [1, 5, 6, 7] * 50, **(val_opts or {}))
 
     good_dir, _ = data_dir("good")
     trunc_dir, trunc_val = data_dir("trunc", val_opts=dict(n=250))       # header claims 250, file has 200
-    bigid_dir, _ = data_dir("bigid", val_tokens=[1, 5, 2000, 7] * 10)    # id 2000 >= VOCAB_SIZE=1024
-    badtrain_dir, _ = data_dir("badtrain", bad_train=True)
-    garbage_tok = tmp / "garbage.model"
-    garbage_tok.write_bytes(b"this is not a sentencepiece model\n" * 10)
     cases = {
         "missing_dir": (dict(DATA_PATH=str(tmp / "does_not_exist")), str(tmp / "does_not_exist")),
         "no_shards": (dict(DATA_PATH=str(tmp / "empty")), str(tmp / "empty")),
         "missing_tokenizer": (dict(TOKENIZER_PATH=str(tmp / "none.model")), str(tmp / "none.model")),
-        "garbage_tokenizer": (dict(TOKENIZER_PATH=str(garbage_tok)), str(garbage_tok)),
         "truncated_val": (dict(DATA_PATH=trunc_dir), trunc_val),
         "vocab_mismatch": (dict(VOCAB_SIZE="2048"), "VOCAB_SIZE"),
-        "val_id_out_of_vocab": (dict(DATA_PATH=bigid_dir), "VOCAB_SIZE"),
-        "bad_train_shard": (dict(DATA_PATH=badtrain_dir), str(os.path.join(badtrain_dir, TRAIN_SHARDS[1].name))),
         "good": (dict(DATA_PATH=good_dir), None),
     }
     procs = {name: subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], cwd=ROOT, text=True,
@@ -199,8 +195,7 @@ def cli_errors(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("case", ["missing_dir", "no_shards", "missing_tokenizer", "garbage_tokenizer", "truncated_val",
-                                  "vocab_mismatch", "val_id_out_of_vocab", "bad_train_shard"])
+@pytest.mark.parametrize("case", ["missing_dir", "no_shards", "missing_tokenizer", "truncated_val", "vocab_mismatch"])
 def test_bad_input_cli_one_line_exit_2(cli_errors, case):
     proc, must_name = cli_errors[case]
     assert proc.returncode == 2, f"rc={proc.returncode}\nstdout:{proc.stdout[-1500:]}\nstderr:{proc.stderr[-1500:]}"
@@ -216,6 +211,36 @@ def test_good_synthetic_data_passes_dry_run(cli_errors):
     proc, _ = cli_errors["good"]
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "val_tokens:200 " in proc.stdout and "train_shards:2 " in proc.stdout
+
+
+def test_bad_inputs_in_process(tmp_path, fixtures_present):
+    """The same loaders called directly: a non-SentencePiece tokenizer file, a val id outside the vocabulary,
+    a broken train shard, a train split with no tokens."""
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"this is not a sentencepiece model\n" * 10)
+    with pytest.raises(tg.UserError, match="TOKENIZER_PATH") as info:
+        tg.load_tokenizer(tiny_hp(TOKENIZER_PATH=str(garbage)))
+    assert str(garbage) in str(info.value)
+    assert tg.load_tokenizer(tiny_hp()).vocab_size() == 1024
+
+    d = tmp_path / "data"
+    d.mkdir()
+    write_shard(d / "fineweb_val_000000.bin", [1, 5, 1023, 7])
+    assert tg.load_validation(tiny_hp(DATA_PATH=str(d))).tolist() == [1, 5, 1023, 7]
+    write_shard(d / "fineweb_val_000001.bin", [1, 5, 2000, 7])  # id 2000 >= VOCAB_SIZE=1024
+    with pytest.raises(tg.UserError, match="VOCAB_SIZE"):
+        tg.load_validation(tiny_hp(DATA_PATH=str(d)))
+
+    good = write_shard(d / "fineweb_train_000000.bin", range(10))
+    bad = write_shard(d / "fineweb_train_000001.bin", range(10), magic=1234)
+    assert tg.shard_files(str(d), "train") == [good, bad]
+    with pytest.raises(tg.UserError) as info:
+        tg.TokenStream(tg.shard_files(str(d), "train"))
+    assert bad in str(info.value)
+    os.remove(bad)
+    write_shard(d / "fineweb_train_000000.bin", [])
+    with pytest.raises(tg.UserError):
+        tg.TokenStream(tg.shard_files(str(d), "train"))
 
 
 # -- byte accounting against the real tokenizer -----------------------------------------------------
@@ -415,8 +440,8 @@ def test_standard_eval_matches_float64_logits(eval_setup):
     ref_loss = nll.mean().item()
     ref_bpb = ref_loss / math.log(2) * y.numel() / n_bytes
     loss, bpb = run_evaluate(s, 0)
-    assert loss == pytest.approx(ref_loss, rel=2e-6)
-    assert bpb == pytest.approx(ref_bpb, rel=2e-6)
+    assert loss == pytest.approx(ref_loss, rel=1e-7)
+    assert bpb == pytest.approx(ref_bpb, rel=1e-7)
 
 
 def test_sliding_eval_matches_reference(eval_setup):

@@ -7,11 +7,19 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import tg, tiny_hp, tiny_model
 
 EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is much faster on a shared, loaded 2-core machine (and deterministic)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------

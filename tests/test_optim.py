@@ -12,6 +12,15 @@ import torch
 from conftest import SAMPLE, tg, tiny_hp, tiny_model
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is much faster on a shared, loaded 2-core machine (and deterministic)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def orth_spectrum(rows: int, cols: int, lo: float, g: torch.Generator):
     """A matrix U diag(s) V^T with singular values s in [lo, 1], and its polar factor U V^T."""
     k = min(rows, cols)
@@ -39,8 +48,8 @@ def test_newton_schulz_orthogonalises(shape):
     X = tg.newton_schulz(G, 5).float()
     cos = (X * polar).sum() / (X.norm() * polar.norm())
     assert cos > 0.97
-    # scale invariance (the input is normalised by its norm)
-    torch.testing.assert_close(tg.newton_schulz(1000.0 * G, 5).float(), X, atol=0.03, rtol=0)
+    # scale invariance (the input is normalised by its norm; a power of two keeps the bf16 rounding identical)
+    torch.testing.assert_close(tg.newton_schulz(1024.0 * G, 5).float(), X, atol=0.01, rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(128, 32), (32, 128), (64, 64)])
@@ -246,6 +255,7 @@ def test_build_optimizers_routing():
 # ----------------------------------------------------------------------------------------------
 
 def make_trainer(seed=0, **kw):
+    kw = {"train_batch_tokens": 512, "micro_batch_seqs": 2, **kw}  # 4 sequences of 128: 2 micro-steps
     hp = tiny_hp(**kw)
     torch.manual_seed(seed)
     model = tg.GPT(hp)
@@ -293,26 +303,45 @@ def _assert_same(a, b, path="state"):
 
 
 def test_prime_restores_exact_state(fixtures_present):
+    """SPEC 5 / 9: priming must restore every state it touched: weights, optimizer state, EMA, data
+    position, step counter and RNG, bit for bit."""
     tr = make_trainer(seed=1, prime_steps=3)
     before = copy.deepcopy(tr.state())  # deep copy: nothing the priming does in place may reach it
-    ema0 = {k: v.clone() for k, v in tr.ema.items()}
     tr.prime()
-    after = tr.state()
+    after = copy.deepcopy(tr.state())
     _assert_same(before["model"], after["model"], "model")
     _assert_same(before["opts"], after["opts"], "opts")
     _assert_same(before["data"], after["data"], "data")
-    assert before["step"] == after["step"] == 0
+    assert before["step"] == after["step"] == 0 and before["train_ms"] == after["train_ms"]
     assert torch.equal(before["rng"], after["rng"])
-    _assert_same(ema0, tr.ema, "ema")  # the EMA must not remember the priming steps
     tr.check_finite()
-    # one step after priming == one step of a fresh identical trainer, bit for bit
+    _assert_same(before["ema"], after["ema"], "ema")  # the EMA must not remember the priming steps
+
+
+def test_step_after_prime_equals_fresh_step(fixtures_present):
+    """One train_step after priming == one train_step of a fresh identical trainer, bit for bit."""
+    tr = make_trainer(seed=1, prime_steps=3)
+    tr.prime()
     fresh = make_trainer(seed=1, prime_steps=3)
     la, lb = tr.train_step(1.0), fresh.train_step(1.0)
     assert torch.equal(la, lb)
-    _assert_same(fresh.state()["model"], tr.state()["model"], "model after 1 step")
-    _assert_same(fresh.state()["opts"], tr.state()["opts"], "opts after 1 step")
-    _assert_same(fresh.ema, tr.ema, "ema after 1 step")
-    assert fresh.stream.state() == tr.stream.state() and fresh.step == tr.step == 1
+    a, b = copy.deepcopy(fresh.state()), copy.deepcopy(tr.state())
+    _assert_same(a["model"], b["model"], "model after 1 step")
+    _assert_same(a["opts"], b["opts"], "opts after 1 step")
+    assert a["data"] == b["data"] and a["step"] == b["step"] == 1
+    _assert_same(a["ema"], b["ema"], "ema after 1 step")
+
+
+def test_no_gradient_survives_a_step(fixtures_present):
+    """A step's gradients must not leak into the next step. bigram_emb.scale is in no optimizer, so
+    zero_grad of the optimizers never clears it: its .grad would accumulate over all steps and inflate the
+    global norm used by GRAD_CLIP_NORM (and make a step depend on history that state() does not hold)."""
+    tr = make_trainer(seed=3)
+    for _ in range(3):
+        tr.train_step(1.0)
+    left = {n: float(p.grad.abs().max()) for n, p in tr.model.named_parameters()
+            if p.grad is not None and bool(p.grad.abs().max() > 0)}
+    assert not left, f"gradients left over after train_step: {left}"
 
 
 def test_prime_really_trains_then_undoes(fixtures_present):

@@ -1,0 +1,201 @@
+"""Benchmarks (not tests): python tests/bench.py [train|ttt|artifact|all] — prints key:value lines.
+
+train     training throughput (tokens/s per device), step time and peak memory at the seed config
+          (override any knob through the environment; on a CPU use a smaller config)
+ttt       our score-first TTT against a straightforward implementation of the same protocol, same model
+          and data, plus both results (they must agree)
+artifact  the artifact step of the 27 M-parameter model: quantize, serialize, zstd-22, read back, dequantize
+Results go into the closing notes with the machine they came from; tests never assert on time.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+
+def synthetic_shards(folder: str, n_train: int, n_val: int, vocab: int = 1024) -> None:
+    rng = np.random.default_rng(0)
+    for name, n in (("fineweb_train_000000.bin", n_train), ("fineweb_val_000000.bin", n_val)):
+        header = np.zeros(256, dtype="<i4")
+        header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, n)
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(header.tobytes())
+            f.write(rng.integers(0, vocab, n, dtype=np.uint16).astype("<u2").tobytes())
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x{torch.cuda.get_device_name()} torch:{torch.__version__}"
+    return f"cpu:{os.cpu_count()}cores threads:{torch.get_num_threads()} torch:{torch.__version__}"
+
+
+def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
+    hp = tg.Hyperparameters.from_env()
+    with tempfile.TemporaryDirectory() as tmp:
+        if not os.path.isdir(hp.data_path):
+            synthetic_shards(tmp, hp.train_batch_tokens * 4 + 1, 4096, hp.vocab_size)
+            hp = tg.dataclasses.replace(hp, data_path=tmp)
+        rt = tg.setup_runtime(hp)
+        torch.manual_seed(hp.seed)
+        model = tg.GPT(hp).to(rt.device)
+        use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
+        rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
+        trainer = tg.Trainer(hp, rt, model, tg.TokenStream(tg.shard_files(hp.data_path, "train")))
+        t0 = time.perf_counter()
+        for _ in range(max(hp.prime_steps, 2)):
+            trainer.train_step(1.0)
+        sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+        sync()
+        warm = time.perf_counter() - t0
+        if rt.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(1.0)
+        sync()
+        dt = (time.perf_counter() - t0) / steps
+        tok_s = hp.train_batch_tokens / dt
+        mem = torch.cuda.max_memory_allocated() / 2**20 if rt.device.type == "cuda" else float("nan")
+        rt.log(f"bench_train machine:{machine()} world:{rt.world} micro_batch_seqs:{trainer.micro} accum:{trainer.accum} "
+               f"warmup_s:{warm:.1f} step_ms:{dt * 1000:.1f} tok_s:{tok_s:.0f} tok_s_per_device:{tok_s / rt.world:.0f} "
+               f"peak_mem_mib:{mem:.0f} params:{sum(p.numel() for p in model.parameters())}")
+
+
+def straightforward_ttt(hp, model, val: torch.Tensor, tables) -> tuple[float, float]:
+    """The same protocol written plainly: per-window slices, full logits for every position, then the
+    scored targets picked out; training as in the seed. The reference our TTT is timed against."""
+    T, C, stride = hp.train_seq_len, hp.ttt_chunk_tokens, hp.eval_stride
+    n_targets = len(val) - 1
+    base, space, boundary = tables
+    windows = []  # (start, first scored position in window)
+    for s in range(0, n_targets, stride):
+        off = 0 if s == 0 else T - stride
+        if s == 0 or s + off < n_targets:
+            windows.append((s, off))
+    chunks: dict[int, list] = {}
+    for s, off in windows:
+        chunks.setdefault((s + off) // C, []).append((s, off))
+    n_chunks = max(chunks) + 1
+    frozen = {id(p) for b in model.blocks[:hp.ttt_freeze_blocks] for p in b.parameters()}
+    params = [p for p in model.parameters() if id(p) not in frozen]
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    opt = torch.optim.SGD(params, lr=0.0, momentum=hp.ttt_momentum)
+    loss_sum = tok = nbytes = 0.0
+    for ci in range(n_chunks):
+        ws = chunks.get(ci, [])
+        with torch.no_grad():
+            for i in range(0, len(ws), hp.eval_batch_seqs):
+                batch = ws[i:i + hp.eval_batch_seqs]
+                seqs = []
+                for s, _ in batch:
+                    w = val[s:s + T + 1]
+                    seqs.append(torch.cat([w, w.new_zeros(T + 1 - len(w))]))
+                g = torch.stack(seqs)
+                losses = model(g[:, :-1], g[:, 1:])  # every position's loss (full head)
+                for r, (s, off) in enumerate(batch):
+                    end = min(T, n_targets - s)
+                    x, y = g[r, off:end], g[r, off + 1:end + 1]
+                    loss_sum += losses[r, off:end].double().sum().item()
+                    tok += end - off
+                    nbytes += (base[y] + (space[y] & ~boundary[x])).sum().item()
+        c0, c1 = ci * C, min((ci + 1) * C, n_targets)
+        if ci == n_chunks - 1:
+            break
+        for g_ in opt.param_groups:
+            g_["lr"] = hp.ttt_lr * tg.ttt_lr_multiplier(ci, n_chunks)
+        n_seq = (c1 - c0) // T
+        for _ in range(hp.ttt_epochs):
+            for b in range(0, n_seq, hp.ttt_batch_seqs):
+                xs = torch.stack([val[c0 + k * T:c0 + k * T + T] for k in range(b, min(b + hp.ttt_batch_seqs, n_seq))])
+                ys = torch.stack([val[c0 + k * T + 1:c0 + k * T + T + 1] for k in range(b, min(b + hp.ttt_batch_seqs, n_seq))])
+                model(xs, ys).mean().backward()
+                torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
+                opt.step()
+                opt.zero_grad()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    val_loss = loss_sum / tok
+    return val_loss, val_loss / math.log(2) * tok / nbytes
+
+
+def bench_ttt() -> None:
+    """Defaults: a 3.9 M-parameter model of the architecture on the fixture sample (or random tokens)."""
+    fixtures = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    env = dict(DATA_PATH=str(fixtures / "sample_sp1024"), TOKENIZER_PATH=str(fixtures / "fineweb_1024_bpe.model"),
+               NUM_LAYERS="6", MODEL_DIM="256", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_HIDDEN="768", VE_LAYERS="4,5",
+               XSA_LAYERS="2", TRAIN_SEQ_LEN="512", ROPE_TRAIN_SEQ_LEN="512", EVAL_STRIDE="64", TTT_CHUNK_TOKENS="4096",
+               TTT_EPOCHS="2", TTT_BATCH_SEQS="8", EVAL_BATCH_SEQS="16", VAL_MAX_TOKENS="24577")
+    env.update({k: v for k, v in os.environ.items() if k in env or k.startswith(("TTT_", "EVAL_"))})
+    hp = tg.Hyperparameters.from_env(env)
+    rt = tg.setup_runtime(hp)
+    sp = tg.load_tokenizer(hp)
+    tables = tg.byte_tables(sp, hp.vocab_size)
+    val = tg.load_validation(hp)
+    torch.manual_seed(0)
+    model = tg.GPT(hp).to(rt.device)
+    with torch.no_grad():  # a non-trivial model: random weights everywhere (zero-init layers included)
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.5 / math.sqrt(p.size(1)))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    rt.compiled = model
+    t0 = time.perf_counter()
+    ours = tg.ttt_evaluate(hp, rt, model, val, tables)
+    t_ours = time.perf_counter() - t0
+    model.load_state_dict(init)
+    t0 = time.perf_counter()
+    ref = straightforward_ttt(hp, model, val, tables)
+    t_ref = time.perf_counter() - t0
+    print(f"bench_ttt machine:{machine()} params:{sum(p.numel() for p in model.parameters())} val_tokens:{len(val)} "
+          f"seq_len:{hp.train_seq_len} stride:{hp.eval_stride} epochs:{hp.ttt_epochs} ours_s:{t_ours:.2f} "
+          f"straightforward_s:{t_ref:.2f} ratio:{t_ours / t_ref:.3f} ours_bpb:{ours[1]:.8f} ref_bpb:{ref[1]:.8f}")
+
+
+def bench_artifact() -> None:
+    import zstandard
+    torch.manual_seed(0)
+    model = tg.GPT(tg.Hyperparameters())
+    with torch.no_grad():  # trained-like spread of int6 codes (the seed's file compresses 27.6 MB -> 14.4 MB)
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn_like(p) * 0.16 * (1 + torch.rand(p.size(0), 1)))
+    sd = model.state_dict()
+    t0 = time.perf_counter()
+    obj, stats = tg.quantize_state_dict(sd)
+    t1 = time.perf_counter()
+    blob = tg.serialize_artifact(obj)
+    t2 = time.perf_counter()
+    with tempfile.NamedTemporaryFile(suffix=".ptz") as f:
+        f.write(blob)
+        f.flush()
+        deq = tg.dequantize_state_dict(tg.read_artifact(f.name))
+    t3 = time.perf_counter()
+    raw = io.BytesIO()
+    torch.save(obj, raw)
+    t4 = time.perf_counter()
+    seed_way = zstandard.ZstdCompressor(level=22).compress(raw.getvalue())
+    t5 = time.perf_counter()
+    assert all(torch.equal(deq[k], v.to(deq[k].dtype)) or k in obj["quantized"] for k, v in sd.items())
+    print(f"bench_artifact machine:{machine()} quantize_s:{t1 - t0:.2f} serialize_compress_s:{t2 - t1:.2f} "
+          f"read_dequantize_s:{t3 - t2:.2f} total_s:{t3 - t0:.2f} bytes:{len(blob)} raw_bytes:{len(raw.getvalue())} "
+          f"seed_zstd22_s:{t5 - t4:.2f} seed_zstd22_bytes:{len(seed_way)} floor_rows:{stats['floor_rows']}/{stats['rows']}")
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    for name, fn in (("train", bench_train), ("ttt", bench_ttt), ("artifact", bench_artifact)):
+        if what in (name, "all"):
+            fn()
