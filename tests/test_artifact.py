@@ -373,7 +373,7 @@ def _check_outputs(run_dir: Path, art: Path, out: str, code_sizes: set[int], ste
     fl = re.search(r"val_loss:(\S+) val_bpb:(\S+)", final_line(out))
     assert sub["val_loss"] == pytest.approx(float(fl.group(1)), abs=1e-8)
     assert sub["val_bpb"] == pytest.approx(float(fl.group(2)), abs=1e-8)
-    pre = re.search(r"pre_ttt_eval mode:sliding val_loss:\S+ val_bpb:(\S+)", out)
+    pre = re.search(r"pre_ttt_eval mode:standard val_loss:\S+ val_bpb:(\S+)", out)
     assert pre and sub["pre_ttt_val_bpb"] == pytest.approx(float(pre.group(1)), abs=1e-8)
     assert final_line(out) in (run_dir / "train.log").read_text()
     assert sub["training_steps"] == steps and sub["seed"] == int(CLI["SEED"])

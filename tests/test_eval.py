@@ -292,7 +292,7 @@ def test_ttt_two_processes_match_one(tmp_path, fixtures_present):
         return float(m.group(1)), float(m.group(2))
 
     def pre(out):
-        return float(re.search(r"pre_ttt_eval mode:sliding val_loss:\S+ val_bpb:(\S+)", out).group(1))
+        return float(re.search(r"pre_ttt_eval mode:standard val_loss:\S+ val_bpb:(\S+)", out).group(1))
 
     l1, b1 = nums(one.stdout)
     l2, b2 = nums(two.stdout)
