@@ -387,7 +387,7 @@ def rope_angles(hp: Hyperparameters, seq_len: int, device) -> tuple[Tensor, Tens
     """cos/sin (T, ROPE_DIMS/2), recomputed per forward so no cache outlives an inference_mode block."""
     half = hp.rope_dims // 2
     base = hp.rope_base
-    if seq_len > hp.rope_train_seq_len:  # YaRN-style base stretch for longer windows
+    if seq_len > hp.rope_train_seq_len and hp.rope_dims > 2:  # YaRN-style base stretch for longer windows
         base = base * (seq_len / hp.rope_train_seq_len) ** (hp.rope_dims / (hp.rope_dims - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, hp.rope_dims, 2, dtype=torch.float32, device=device) / hp.rope_dims)
     ang = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :half]
@@ -1032,9 +1032,12 @@ def load_weights(model: GPT, sd: dict[str, Tensor], source: str) -> None:
                 if want.get(k) != have.get(k)]
         raise UserError(f"{source} does not match the configured architecture ({len(diff)} tensors differ: "
                         + "; ".join(diff[:8]) + ("; ..." if len(diff) > 8 else "") + ")")
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            v.copy_(sd[k])
+    with torch.no_grad():  # tensors take the file's dtype (the seed's tok_emb is bf16: its TTT updates it in bf16)
+        for k, v in model.state_dict(keep_vars=True).items():
+            if v.dtype == sd[k].dtype:
+                v.copy_(sd[k])
+            else:
+                v.data = sd[k].to(v.device)
 
 
 # ----------------------------------------------------------------------------------------------

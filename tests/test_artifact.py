@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import io
 import json
+import math
 import pickle
 import re
 from pathlib import Path
@@ -428,3 +429,32 @@ def test_eval_only_architecture_mismatch_names_the_tensors(train_run, tmp_path, 
     for n in names:
         assert n in e.stderr, e.stderr[-2000:]
     assert re.search(r"\(\d+, \d+\)", e.stderr), "the message should show the differing shapes"
+
+
+def test_seed_style_bf16_embedding_is_kept_in_bf16_through_ttt(tmp_path):
+    """The seed stores tok_emb as bf16 (dtypes 'bfloat16'); loading adopts the file's dtype, so scoring and
+    TTT see exactly the seed's tensor and TTT updates it in bf16 as the seed does."""
+    model = tiny_model(seed=3, MODEL_DIM=128)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd["tok_emb.weight"] = (sd["tok_emb.weight"] * 40).bfloat16()
+    obj, _ = tg.quantize_state_dict(sd)
+    assert obj["dtypes"]["tok_emb.weight"] == "bfloat16"
+    path = tmp_path / "seed_like.ptz"
+    path.write_bytes(tg.serialize_artifact(obj))
+    fresh = tiny_model(seed=4, MODEL_DIM=128)
+    deq = tg.dequantize_state_dict(tg.read_artifact(str(path)))
+    tg.load_weights(fresh, deq, "seed-like artifact")
+    assert fresh.tok_emb.weight.dtype == torch.bfloat16
+    assert torch.equal(fresh.tok_emb.weight, deq["tok_emb.weight"])
+    assert all(p.dtype == torch.float32 for n, p in fresh.named_parameters() if n != "tok_emb.weight")
+    hp = tg.Hyperparameters.from_env({**TINY, "MODEL_DIM": "128", "VAL_MAX_TOKENS": "1200", "TTT_CHUNK_TOKENS": "256",
+                                       "TTT_EPOCHS": "1"})
+    rt = tg.Runtime()
+    rt.compiled = fresh
+    import sentencepiece as spm
+    tables = tg.byte_tables(spm.SentencePieceProcessor(model_file=hp.tokenizer_path), hp.vocab_size)
+    val = tg.load_validation(hp)
+    before = fresh.tok_emb.weight.detach().clone()
+    loss, bpb = tg.ttt_evaluate(hp, rt, fresh, val, tables)
+    assert math.isfinite(loss) and math.isfinite(bpb)
+    assert fresh.tok_emb.weight.dtype == torch.bfloat16 and not torch.equal(fresh.tok_emb.weight, before)
