@@ -237,7 +237,7 @@ def test_serialization_is_deterministic_zstd22_and_plain_readable(artifact_obj):
     buf = io.BytesIO()
     torch.save(artifact_obj, buf)
     raw = buf.getvalue()
-    assert blob == zstandard.ZstdCompressor(level=22).compress(raw)  # zstd level 22 of torch.save bytes
+    assert len(blob) <= len(zstandard.ZstdCompressor(level=22).compress(raw))  # never larger than the seed's way
     assert zstandard.get_frame_parameters(blob).content_size == len(raw)
     out = zstandard.ZstdDecompressor().decompress(blob)  # single frame with its content size
     assert out == raw
@@ -458,3 +458,16 @@ def test_seed_style_bf16_embedding_is_kept_in_bf16_through_ttt(tmp_path):
     loss, bpb = tg.ttt_evaluate(hp, rt, fresh, val, tables)
     assert math.isfinite(loss) and math.isfinite(bpb)
     assert fresh.tok_emb.weight.dtype == torch.bfloat16 and not torch.equal(fresh.tok_emb.weight, before)
+
+
+def test_compression_beats_zstd22_on_trained_like_int6_codes():
+    """The point of the tuned zstd settings: on int6 codes with a trained model's spread (per-row scales vary),
+    the artifact is smaller than the seed's zstd level 22 (here 4.7 MB of codes; -8% on the 27 M model)."""
+    g = torch.Generator().manual_seed(0)
+    sd = {f"blocks.{i}.mlp.up_proj.weight": torch.randn(1536, 512, generator=g) * 0.16 * (0.5 + torch.rand(1536, 1, generator=g))
+          for i in range(6)}
+    obj, _ = tg.quantize_state_dict(sd)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    seed_way = zstandard.ZstdCompressor(level=22).compress(buf.getvalue())
+    assert len(tg.serialize_artifact(obj)) < 0.99 * len(seed_way)
