@@ -139,7 +139,8 @@ def bench_ttt() -> None:
                XSA_LAYERS="2", TRAIN_SEQ_LEN="512", ROPE_TRAIN_SEQ_LEN="512", EVAL_STRIDE="64", TTT_CHUNK_TOKENS="4096",
                TTT_EPOCHS="2", TTT_BATCH_SEQS="8", EVAL_BATCH_SEQS="16", VAL_MAX_TOKENS="24577")
     env.update({k: v for k, v in os.environ.items() if k in env or k.startswith(("TTT_", "EVAL_"))})
-    hp = tg.Hyperparameters.from_env(env)
+    # BENCH_SEED_CONFIG=1: the seed's model and every knob from the environment (GPU: a slice of FineWeb val)
+    hp = tg.Hyperparameters.from_env(None if os.environ.get("BENCH_SEED_CONFIG") == "1" else env)
     rt = tg.setup_runtime(hp)
     sp = tg.load_tokenizer(hp)
     tables = tg.byte_tables(sp, hp.vocab_size)
@@ -151,16 +152,20 @@ def bench_ttt() -> None:
             if p.ndim == 2:
                 p.normal_(0, 0.5 / math.sqrt(p.size(1)))
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    rt.compiled = model
+    use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
+    rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
     t0 = time.perf_counter()
-    ours = tg.ttt_evaluate(hp, rt, model, val, tables)
+    ours = tg.ttt_evaluate(hp, rt, model, val, tables)  # compile time included
     t_ours = time.perf_counter() - t0
     model.load_state_dict(init)
     t0 = time.perf_counter()
-    ref = straightforward_ttt(hp, model, val, tables)
+    ref = straightforward_ttt(hp, model, val, tables) if os.environ.get("BENCH_REF", "1") == "1" else (math.nan,) * 2
     t_ref = time.perf_counter() - t0
+    n_chunks = math.ceil((len(val) - 1) / hp.ttt_chunk_tokens)
+    print(f"bench_ttt_extrapolation full_split_chunks:1893 measured_chunks:{n_chunks} "
+          f"full_split_s_this_device:{t_ours / n_chunks * 1893:.0f} (divide by the GPU count for a node)")
     print(f"bench_ttt machine:{machine()} params:{sum(p.numel() for p in model.parameters())} val_tokens:{len(val)} "
-          f"seq_len:{hp.train_seq_len} stride:{hp.eval_stride} epochs:{hp.ttt_epochs} ours_s:{t_ours:.2f} "
+          f"seq_len:{hp.train_seq_len} stride:{hp.eval_stride} epochs:{hp.ttt_epochs} compile:{use_compile} ours_s:{t_ours:.2f} "
           f"straightforward_s:{t_ref:.2f} ratio:{t_ours / t_ref:.3f} ours_bpb:{ours[1]:.8f} ref_bpb:{ref[1]:.8f}")
 
 

@@ -472,3 +472,17 @@ def test_score_from_equals_slice():
             part = model(ids, tgt, score_from=k)
             assert part.shape == (2, 64 - k)
             torch.testing.assert_close(part, full[:, k:], atol=1e-6, rtol=1e-6)
+
+
+def test_forward_traces_without_graph_breaks():
+    """torch.compile(fullgraph=True) on CUDA needs one graph: dynamo must trace the forward (training and
+    scoring variants, XSA, VE, BOS mask) with zero graph breaks. Traced on CPU; no kernels are compiled."""
+    import torch._dynamo
+    for bos in (0, 1):
+        model = tiny_model(seed=1, BOS_MASK=bos)
+        x = torch.randint(0, 1024, (2, 128))
+        for score_from in (0, 96):
+            torch._dynamo.reset()
+            out = torch._dynamo.explain(model)(x, x, score_from)
+            assert out.graph_break_count == 0, out.break_reasons
+            assert out.graph_count == 1
