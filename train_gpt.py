@@ -13,11 +13,11 @@ import copy
 import dataclasses
 import difflib
 import glob
+import heapq
 import io
 import json
 import math
 import os
-import pickle
 import platform
 import random
 import signal
@@ -52,17 +52,12 @@ def knob(default, help: str, lo=None, choices=None):
 # Switches of the seed's script that its logged run left at one value, or that had no effect there.
 # Accepted so the seed's launch commands work unchanged; any other value is refused, not ignored.
 SEED_KNOBS = {
-    "LATE_QAT": ("0", "late QAT was off in the seed's run and is not part of this system"),
-    "EMA_ENABLED": ("1", "EMA is always on; EMA_DECAY=0 turns it off"),
-    "TTT_OPTIMIZER": ("sgd", "the seed's TTT uses SGD with momentum"),
-    "TIE_EMBEDDINGS": ("1", "the head is tied to the embedding"),
-    "ORTHO_INIT": ("1", "the init is the seed's orthogonal one"),
-    "BIGRAM_XOR_HASH": ("1", "BigramHash uses the XOR hash"),
-    "MIXED_QUANT": ("0", "the artifact is pure int6"),
-    "INT8_STORAGE": ("0", "the artifact is pure int6"),
-    "VAL_BATCH_SIZE": (None, ""), "MLP_MULT": (None, ""), "EMBED_LR": (None, ""), "HEAD_LR": (None, ""),
-    "SWA_START_FRAC": (None, ""), "SWA_EVERY": (None, ""), "QAT_THRESHOLD": (None, ""), "TTT_ADAM_WD": (None, ""),
-}
+    "LATE_QAT": ("0", "late QAT was off in the seed's run"), "EMA_ENABLED": ("1", "EMA_DECAY=0 turns EMA off"),
+    "TTT_OPTIMIZER": ("sgd", "the seed's TTT uses SGD"), "TIE_EMBEDDINGS": ("1", "the head is tied"),
+    "ORTHO_INIT": ("1", "the init is the seed's"), "BIGRAM_XOR_HASH": ("1", "BigramHash uses the XOR hash"),
+    "MIXED_QUANT": ("0", "the artifact is pure int6"), "INT8_STORAGE": ("0", "the artifact is pure int6"),
+    **{k: (None, "") for k in ("VAL_BATCH_SIZE", "MLP_MULT", "EMBED_LR", "HEAD_LR", "SWA_START_FRAC", "SWA_EVERY",
+                               "QAT_THRESHOLD", "TTT_ADAM_WD")}}
 
 
 @dataclass(frozen=True)
@@ -350,9 +345,10 @@ class BpbMeter:
         self.sums += torch.stack([(losses.double() * mask).sum(), mask.sum().double(), nbytes.sum().double()])
 
     def result(self) -> tuple[float, float]:
+        sums = self.sums.clone()
         if dist.is_initialized():
-            dist.all_reduce(self.sums)
-        loss, ntok, nbytes = self.sums.tolist()
+            dist.all_reduce(sums)
+        loss, ntok, nbytes = sums.tolist()
         val_loss = loss / max(ntok, 1.0)
         return val_loss, val_loss / math.log(2.0) * ntok / max(nbytes, 1.0)
 
@@ -700,10 +696,8 @@ class Runtime:
     def main(self) -> bool:
         return self.rank == 0
 
-    def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def autocast(self):  # bf16 on CUDA; float32 on the CPU
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def log(self, msg: str) -> None:
         if self.main:
@@ -895,10 +889,10 @@ class Trainer:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: the final name never holds a partial file."""
+    """Bytes or torch.save to a temporary file, fsync, rename: the final name never holds a partial file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -924,25 +918,27 @@ ZSTD_CANDIDATES = ((7, 3), (9, 5), (9, 4), (8, 4))  # btultra / btultra2 / btopt
 def quantize_matrix(w: Tensor) -> tuple[Tensor, Tensor, int]:
     """GPTQ-lite: per-row clip at one of 15 |w| quantiles (chosen per tensor by the lowest mean squared
     error, first wins ties), scale = max(clip/31, 1/31), q in [-32, 31]. Returns int8 q, fp16 scales and
-    the number of rows on the 1/31 floor. Candidates with identical scales are evaluated once."""
+    the number of rows on the 1/31 floor. Rows with max |w| < 1 are on the floor for every candidate, so
+    candidates are ranked on the other rows only; near-ties are settled on the whole matrix as the seed does."""
     t = w.detach().float()
     amax = t.abs().amax(dim=1)
+    big = amax >= 1.0
     clips = amax.repeat(len(CLIP_QUANTILES), 1)
-    big = amax >= 1.0  # rows below 1 sit on the 1/31 floor for every candidate: no quantiles needed
     if big.any():
-        qs = torch.tensor(CLIP_QUANTILES, dtype=torch.float32, device=t.device)
-        clips[:-1, big] = torch.quantile(t[big].abs(), qs[:-1], dim=1)
-    best = None
-    for clip in clips:
-        scale = (clip / 31.0).clamp_min(1.0 / 31.0)
-        if best is not None and torch.equal(scale, best[1]):
-            continue
-        q = torch.clamp(torch.round(t / scale[:, None]), -32, 31)
-        err = float((t - q * scale[:, None]).square().mean())
-        if best is None or err < best[0]:
-            best = (err, scale, q, clip)
-    _, scale, q, clip = best
-    return q.to(torch.int8), scale.to(torch.float16), int((clip < 1.0).sum())
+        qs = torch.tensor(CLIP_QUANTILES[:-1], dtype=torch.float32, device=t.device)
+        clips[:-1, big] = torch.quantile(t[big].abs(), qs, dim=1)
+    scales = (clips / 31.0).clamp_min(1.0 / 31.0)
+    quant = lambda x, s: torch.clamp(torch.round(x / s[:, None]), -32, 31)
+    full_err = lambda i: float((t - quant(t, scales[i]) * scales[i][:, None]).square().mean())
+    cands = [i for i in range(len(scales)) if not any(torch.equal(scales[i], scales[j]) for j in range(i))]
+    tb, small = t[big], t[~big]
+    errs = {i: float((tb - quant(tb, scales[i][big]) * scales[i][big][:, None]).double().square().sum()) for i in cands}
+    best = min(cands, key=lambda i: (errs[i], i))
+    floor_err = float((small - quant(small, scales[0][~big]) * scales[0][~big][:, None]).double().square().sum())
+    close = [i for i in cands if errs[i] <= errs[best] + 1e-5 * (floor_err + errs[best])]
+    if len(close) > 1:
+        best = min(close, key=lambda i: (full_err(i), i))
+    return quant(t, scales[best]).to(torch.int8), scales[best].to(torch.float16), int((clips[best] < 1.0).sum())
 
 
 def quantize_state_dict(sd: dict[str, Tensor], quant_embed: bool = True) -> tuple[dict, dict]:
@@ -992,6 +988,125 @@ def serialize_artifact(obj: dict) -> bytes:
         window_log=wlog, chain_log=16, hash_log=16, search_log=1, min_match=mm, target_length=999, strategy=st,
         write_content_size=True)).compress(raw) for st, mm in ZSTD_CANDIDATES]
     return min(outs, key=len)
+
+
+# Rate-targeted quantization (QUANT_TARGET_BYTES): spend the bytes under the cap where the loss is most
+# sensitive. Same file layout; each tensor gets one int6 step (in units of its RMS), chosen by a Lagrangian
+# trade of predicted loss 0.5*sum(F*err^2) (F = diagonal Fisher from training batches) against bytes.
+RATE_STEPS = tuple(2.0 ** (k / 4) for k in range(-20, 9))
+
+
+def sensitivity_from_batches(model: GPT, batches, rt: Runtime | None = None) -> dict[str, Tensor]:
+    """Diagonal empirical Fisher: squared gradient of each batch's mean loss times its token count, averaged."""
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        with rt.autocast() if rt else contextlib.nullcontext():
+            loss = model(x, y).mean()
+        loss.backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                acc[n] += p.grad.float().square() * y.numel()
+    model.zero_grad(set_to_none=True)
+    return {n: v / max(len(batches), 1) for n, v in acc.items()}
+
+
+def huffman_bytes(q: Tensor) -> float:
+    """zstd's size for int6 codes from their histogram: Huffman-coded literals (within ~0.5% of zstd from
+    1.3 bits per weight up; below that matches beat Huffman's 1-bit floor, ~1.35x the entropy)."""
+    c = [x for x in torch.bincount(q.flatten().long() + 32, minlength=64).tolist() if x]
+    heap, bits, n = list(c), 0, sum(c)
+    heapq.heapify(heap)
+    while len(heap) > 1:  # the sum of merged counts = sum of count * code length
+        a = heapq.heappop(heap) + heapq.heappop(heap)
+        bits += a
+        heapq.heappush(heap, a)
+    return min(bits, 1.35 * -sum(x * math.log2(x / n) for x in c)) / 8
+
+
+def rate_grid(w: Tensor, step) -> tuple[Tensor, Tensor]:
+    """int6 codes and fp16 row scales for step (a number or one per row) x the tensor's RMS, each row's scale
+    raised to max|row|/31 so nothing clips (one step for all rows: equal error per byte everywhere)."""
+    s = torch.maximum(step * w.square().mean().sqrt(), w.abs().amax(1) / 31).clamp_min(1e-7).half()
+    return torch.clamp(torch.round(w / s.float()[:, None]), -32, 31), s
+
+
+def quantize_to_budget(sd: dict[str, Tensor], budget: int, sens: dict[str, Tensor] | None, quant_embed: bool,
+                       log=print) -> tuple[dict, dict]:
+    """The artifact object whose compressed size is <= budget (within ~1% below) with the least predicted loss.
+    Each tensor takes the step minimising D + lam*bytes (bytes estimated from code histograms), lam bisected
+    to the target, then one tensor moves a fraction of its rows one step finer for the rest; the real
+    compressor corrects the estimate (at most 3 calls)."""
+    t0 = time.perf_counter()
+    big = [k for k, t in sd.items() if t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL
+           and (quant_embed or k != "tok_emb.weight")]
+    W = {k: sd[k].detach().cpu().float() for k in big}
+    D, R = (torch.zeros(len(big), len(RATE_STEPS), dtype=torch.float64) for _ in range(2))
+    for i, k in enumerate(big):
+        f = sens[k].cpu().float() if sens is not None else 1.0
+        for j, step in enumerate(RATE_STEPS):
+            q, s = rate_grid(W[k], step)
+            D[i, j], R[i, j] = 0.5 * float((f * (W[k] - q * s.float()[:, None]).square()).sum()), huffman_bytes(q)
+
+    def solve(target: float) -> tuple[Tensor, Tensor]:  # step index per tensor, fraction of rows one finer
+        lo, hi = -40.0, 40.0
+        for _ in range(80):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if R.gather(1, (D + 10 ** mid * R).argmin(1)[:, None]).sum() <= target else (mid, hi)
+        pick, frac = (D + 10 ** hi * R).argmin(1), torch.zeros(len(big), dtype=torch.float64)
+        slack = target - float(R.gather(1, pick[:, None]).sum())
+        while (pick > 0).any():  # greedy: the best loss-per-byte move one step finer; the last one partial
+            up = torch.arange(len(big))[pick > 0]
+            dD, dR = D[up, pick[up]] - D[up, pick[up] - 1], R[up, pick[up] - 1] - R[up, pick[up]]
+            b = int(torch.where(dD > 0, dD / dR.clamp_min(1e-9), -1.0).argmax())
+            if dD[b] <= 0 or dR[b] > slack:
+                frac[up[b]] = max(slack, 0.0) / float(dR[b]) if dD[b] > 0 else 0.0
+                break
+            pick[up[b]], slack = pick[up[b]] - 1, slack - float(dR[b])
+        return pick, frac
+
+    def cost(M: Tensor, pick: Tensor, frac: Tensor) -> Tensor:  # per tensor, interpolated over its rows
+        cur, fine = M.gather(1, pick[:, None])[:, 0], M.gather(1, (pick - 1).clamp_min(0)[:, None])[:, 0]
+        return cur + frac * (fine - cur)
+
+    def build(pick: Tensor, frac: Tensor) -> dict:
+        obj, _ = quantize_state_dict({k: t for k, t in sd.items() if k not in big}, quant_embed)
+        for i, k in enumerate(big):
+            steps = torch.full((W[k].size(0),), RATE_STEPS[pick[i]])
+            steps[:round(float(frac[i]) * W[k].size(0))] = RATE_STEPS[max(int(pick[i]) - 1, 0)]
+            q, obj["scales"][k] = rate_grid(W[k], steps)
+            obj["quantized"][k], obj["dtypes"][k] = q.to(torch.int8), str(sd[k].dtype).removeprefix("torch.")
+            obj["qmeta"][k] = {"scheme": "per_row", "axis": 0}
+        return obj
+
+    fixed, offset, best = 0, 0.01 * budget, None  # scales, passthrough and pickle: compressed for real
+    for _ in range(2):
+        pick, frac = solve(budget * 0.995 - fixed - offset)
+        fixed = len(serialize_artifact({**build(pick, frac), "quantized": {}}))
+    for call in range(3):
+        pick, frac = solve(budget * (0.995 if call == 0 else 0.997) - fixed - offset)
+        blob = serialize_artifact(build(pick, frac))
+        if len(blob) <= budget and (best is None or len(blob) > len(best[2])):
+            best = (pick, frac, blob)
+        if budget * 0.99 <= len(blob) <= budget or (len(blob) < budget and pick.eq(0).all()):
+            break
+        offset = len(blob) - fixed - float(cost(R, pick, frac).sum())  # the estimate's error near here
+    if best is None:
+        raise UserError(f"QUANT_TARGET_BYTES: even the coarsest grids need {len(blob)} model bytes > {budget}")
+    pick, frac, blob = best
+    kinds: dict[str, list] = {}
+    for i, (k, b, d) in enumerate(zip(big, cost(R, pick, frac).tolist(), cost(D, pick, frac).tolist())):
+        kd = kinds.setdefault(k.split(".", 2)[-1] if k.startswith("blocks.") else k, [0, 0.0, 0.0, set()])
+        kd[0], kd[1], kd[2] = kd[0] + W[k].numel(), kd[1] + b, kd[2] + d
+        kd[3].add(f"{RATE_STEPS[pick[i]]:.3g}")
+    for kind, (n, b, d, steps) in kinds.items():
+        log(f"quant_rate kind:{kind} step/rms:{','.join(sorted(steps))} bits/weight:{8 * b / n:.3f} bytes:{b:.0f} "
+            f"predicted_dloss:{d:.6f}")
+    predicted = float(cost(D, pick, frac).sum())
+    log(f"quant_rate bytes:{len(blob)} budget:{budget} compressor_calls:{call + 1} predicted_dloss:{predicted:.6f} "
+        f"time:{time.perf_counter() - t0:.1f}s")
+    return build(pick, frac), {"rows": sum(W[k].size(0) for k in big), "floor_rows": 0, "bytes": len(blob),
+                               "blob": blob, "predicted_dloss": predicted, "compressor_calls": call + 1}
 
 
 def read_artifact(path: str, max_bytes: int = 1 << 30) -> dict:
@@ -1161,7 +1276,7 @@ def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tabl
                     opt.step()
                     opt.zero_grad(set_to_none=True)
         if (ci + 1) % every == 0 or ci == n_chunks - 1:
-            _, bpb = meter_peek(meter)
+            _, bpb = meter.result()
             rate = (ci + 1) / (time.perf_counter() - t0)
             rt.log(f"ttt_chunk:{ci + 1}/{n_chunks} running_val_bpb:{bpb:.6f} chunks_per_s:{rate:.2f} "
                    f"eta:{(n_chunks - ci - 1) / rate:.0f}s")
@@ -1169,13 +1284,6 @@ def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tabl
         p.requires_grad_(True)
     model.train()
     return meter.result()
-
-
-def meter_peek(meter: BpbMeter) -> tuple[float, float]:
-    """Running result without disturbing the per-rank sums."""
-    m = copy.copy(meter)
-    m.sums = meter.sums.clone()
-    return m.result()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1300,11 +1408,16 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         if rt.main:
             t0 = time.perf_counter()
             atomic_save(model.state_dict(), rt.run_dir / "final_model.pt")
-            obj, stats = quantize_state_dict(model.state_dict(), hp.quant_embed)
-            blob = serialize_artifact(obj)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(blob)
-            os.replace(tmp, path)
+            if hp.quant_target_bytes:  # sensitivity from the start of the training stream, never validation
+                trainer.stream = TokenStream(train_files)
+                sens = sensitivity_from_batches(model, [b for _ in range(2) for b in trainer.next_batch()][:4], rt)
+                obj, stats = quantize_to_budget(model.state_dict(), hp.quant_target_bytes - code_bytes, sens,
+                                                hp.quant_embed, rt.log)
+                blob = stats["blob"]
+            else:
+                obj, stats = quantize_state_dict(model.state_dict(), hp.quant_embed)
+                blob = serialize_artifact(obj)
+            atomic_save(blob, path)
             rt.log(f"quant: rows:{stats['rows']} floor_rows:{stats['floor_rows']} "
                    f"floor_fraction:{stats['floor_rows'] / max(stats['rows'], 1):.4f} time:{time.perf_counter() - t0:.1f}s")
         if rt.world > 1:
