@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
@@ -138,7 +137,7 @@ def bench_ttt() -> None:
                NUM_LAYERS="6", MODEL_DIM="256", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_HIDDEN="768", VE_LAYERS="4,5",
                XSA_LAYERS="2", TRAIN_SEQ_LEN="512", ROPE_TRAIN_SEQ_LEN="512", EVAL_STRIDE="64", TTT_CHUNK_TOKENS="4096",
                TTT_EPOCHS="2", TTT_BATCH_SEQS="8", EVAL_BATCH_SEQS="16", VAL_MAX_TOKENS="24577")
-    env.update({k: v for k, v in os.environ.items() if k in env or k.startswith(("TTT_", "EVAL_"))})
+    env.update({k: v for k, v in os.environ.items() if k in env or k == "COMPILE" or k.startswith(("TTT_", "EVAL_"))})
     # BENCH_SEED_CONFIG=1: the seed's model and every knob from the environment (GPU: a slice of FineWeb val)
     hp = tg.Hyperparameters.from_env(None if os.environ.get("BENCH_SEED_CONFIG") == "1" else env)
     rt = tg.setup_runtime(hp)

@@ -24,13 +24,6 @@ SECTIONS = {"__quant_format__", "quantized", "scales", "dtypes", "passthrough", 
 U16 = 2.0 ** -11  # unit roundoff of float16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to spin-waiting on a shared, busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ------------------------------------------------------------------------------------------------ references

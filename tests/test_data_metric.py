@@ -30,15 +30,6 @@ def write_shard(path, tokens, magic=MAGIC, version=VERSION, n=None, header_ints=
     return str(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forwards are fastest single-threaded; on a shared 2-core machine extra threads only oversubscribe."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sp():
     import sentencepiece as spm

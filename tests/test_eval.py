@@ -14,15 +14,6 @@ from conftest import TINY, final_line, run_script, tg, tiny_hp, tiny_model
 T = 128  # TINY's TRAIN_SEQ_LEN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to spin-waiting on a shared, busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ------------------------------------------------------------------------------------------------ helpers
 
 def live_model(seed: int = 0, **overrides) -> "tg.GPT":

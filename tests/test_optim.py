@@ -12,15 +12,6 @@ import torch
 from conftest import SAMPLE, tg, tiny_hp, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared, loaded 2-core machine (and deterministic)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def orth_spectrum(rows: int, cols: int, lo: float, g: torch.Generator):
     """A matrix U diag(s) V^T with singular values s in [lo, 1], and its polar factor U V^T."""
     k = min(rows, cols)

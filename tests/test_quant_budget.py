@@ -3,7 +3,6 @@ loss-aware grid choice beats one uniform grid at equal bytes, and the output is 
 int6_clean_per_row_v1 artifact that the seed's reader loads."""
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -12,13 +11,7 @@ import torch
 
 from conftest import SAMPLE, tg, tiny_model
 
-quantize_to_budget = getattr(tg, "quantize_to_budget", None)
-sensitivity_from_batches = getattr(tg, "sensitivity_from_batches", None)
-if quantize_to_budget is None:  # prototype fallback until the functions are integrated into train_gpt.py
-    _spec = importlib.util.spec_from_file_location("ratequant", "/tmp/ratequant/ratequant.py")
-    _rq = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_rq)
-    quantize_to_budget, sensitivity_from_batches = _rq.quantize_to_budget, _rq.sensitivity_from_batches
+quantize_to_budget, sensitivity_from_batches = tg.quantize_to_budget, tg.sensitivity_from_batches
 
 # Tiny, but with tensors above the 65,536-element float limit, so that something is quantized:
 # tok_emb 1024x96, mlp up/down 768x96 / 96x768 (5 int6 tensors, ~0.47 M weights).
