@@ -1433,6 +1433,8 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     result.update(final_evaluation(hp, rt, model, val, tables, standard))
     if rt.main:
         write_submission(hp, rt, result)
+    if rt.world > 1:
+        dist.barrier()  # ranks tear down together: gloo can abort a process whose peer has already gone
     if result["bytes_total"] > hp.artifact_limit_bytes:
         raise UserError(f"artifact too large: {result['bytes_total']} bytes is {result['bytes_total'] - hp.artifact_limit_bytes} "
                         f"over the {hp.artifact_limit_bytes}-byte cap (outputs kept in {rt.run_dir})")
