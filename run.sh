@@ -26,6 +26,13 @@ setup() {  # a virtualenv that reuses an already installed torch (e.g. the CUDA 
 }
 
 gpus() { "$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))"; }
+launch() {  # torchrun for several processes; a plain process for one (so an error is just its one line)
+  local n=${NPROC:-$(gpus)}
+  if [ "$n" -gt 1 ]; then
+    exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$n" train_gpt.py
+  fi
+  exec "$PY" train_gpt.py
+}
 
 cmd=${1:-smoke}
 shift || true
@@ -119,12 +126,13 @@ PYEOF
     ;;
   train)
     setup
-    exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-$(gpus)}" train_gpt.py
+    launch
     ;;
   eval)
     [ $# -ge 1 ] || { echo "usage: ./run.sh eval path/to/final_model.int6.ptz" >&2; exit 2; }
     setup
-    EVAL_ONLY=1 ARTIFACT="$1" exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-$(gpus)}" train_gpt.py
+    export EVAL_ONLY=1 ARTIFACT="$1"
+    launch
     ;;
   bench)
     setup

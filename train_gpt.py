@@ -1466,7 +1466,7 @@ def main() -> int:
         rt = setup_runtime(hp)
         return run(hp, rt)
     except UserError as e:
-        if rt is None or rt.main:
+        if rt.main if rt else os.environ.get("RANK", "0") == "0":  # one line, not one per rank
             print(f"error: {e}", file=sys.stderr, flush=True)
             if rt is not None and rt.log_file is not None:
                 rt.log_file.write(f"error: {e}\n")
