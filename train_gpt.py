@@ -371,9 +371,9 @@ def rms(x: Tensor) -> Tensor:
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention on (B, T, H, hd) tensors; query head h reads kv head h // (H/Hkv)."""
-    if _fa3 is not None and q.is_cuda:
-        out = _fa3(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
+    if _fa3 is not None and q.is_cuda and not torch.compiler.is_compiling():  # FA3 is not traceable: eager only
+        out = _fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+        return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
