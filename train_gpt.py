@@ -1378,6 +1378,8 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     log_header(hp, rt)
     rt.log(f"model_params:{n_params}")
     use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
+    if use_compile:  # one graph per (batch, score_from, grad mode, frozen set): training, evals and TTT need ~8
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
     code_bytes = len(Path(__file__).read_bytes())
     result = {"bytes_code": code_bytes, "parameters": n_params, "seed": hp.seed, "training_steps": 0, "wallclock_seconds": 0}
