@@ -941,6 +941,11 @@ def quantize_matrix(w: Tensor) -> tuple[Tensor, Tensor, int]:
     return quant(t, scales[best]).to(torch.int8), scales[best].to(torch.float16), int((clips[best] < 1.0).sum())
 
 
+def is_int6(name: str, t: Tensor, quant_embed: bool) -> bool:
+    """Large 2-D float tensors are stored as int6 rows; everything else stays as it is or in float."""
+    return t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL and (quant_embed or name != "tok_emb.weight")
+
+
 def quantize_state_dict(sd: dict[str, Tensor], quant_embed: bool = True) -> tuple[dict, dict]:
     obj = {"__quant_format__": QUANT_FORMAT, "quantized": {}, "scales": {}, "dtypes": {}, "passthrough": {},
            "qmeta": {}, "passthrough_orig_dtypes": {}}
@@ -949,7 +954,7 @@ def quantize_state_dict(sd: dict[str, Tensor], quant_embed: bool = True) -> tupl
         t = t.detach().cpu()
         if not t.is_floating_point():
             obj["passthrough"][name] = t
-        elif t.numel() <= KEEP_FLOAT_MAX_NUMEL or t.ndim != 2 or (not quant_embed and name == "tok_emb.weight"):
+        elif not is_int6(name, t, quant_embed):
             if any(p in name for p in FP32_KEEP_PATTERNS):
                 obj["passthrough"][name] = t.float().contiguous()
             else:
@@ -1038,8 +1043,7 @@ def quantize_to_budget(sd: dict[str, Tensor], budget: int, sens: dict[str, Tenso
     to the target, then one tensor moves a fraction of its rows one step finer for the rest; the real
     compressor corrects the estimate (at most 3 calls)."""
     t0 = time.perf_counter()
-    big = [k for k, t in sd.items() if t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL
-           and (quant_embed or k != "tok_emb.weight")]
+    big = [k for k, t in sd.items() if is_int6(k, t, quant_embed)]
     W = {k: sd[k].detach().cpu().float() for k in big}
     D, R = (torch.zeros(len(big), len(RATE_STEPS), dtype=torch.float64) for _ in range(2))
     for i, k in enumerate(big):
@@ -1368,11 +1372,10 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     model = GPT(hp).to(rt.device)
     n_params = sum(p.numel() for p in model.parameters())
     if hp.dry_run:
-        for f in dataclasses.fields(hp):
-            print(f"config:{f.name.upper()}={getattr(hp, f.name)}")
+        log_header(hp, rt)
         n_train = sum(len(s) for s in stream.shards) if stream else 0
-        print(f"data: train_shards:{len(train_files)} train_tokens:{n_train} val_tokens:{len(val)} tokenizer:{hp.tokenizer_path}")
-        print(f"model_params:{n_params}")
+        rt.log(f"data: train_shards:{len(train_files)} train_tokens:{n_train} val_tokens:{len(val)} tokenizer:{hp.tokenizer_path}")
+        rt.log(f"model_params:{n_params}")
         return 0
     hp = open_run_dir(hp, rt)
     log_header(hp, rt)
