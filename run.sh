@@ -21,7 +21,7 @@ setup() {  # a virtualenv that reuses an already installed torch (e.g. the CUDA 
   fi
   "$PY" -c "import numpy, sentencepiece, zstandard" 2>/dev/null || "$PY" -m pip install -q -r requirements.txt
   if [ "${1:-}" = test ]; then
-    "$PY" -c "import pytest" 2>/dev/null || "$PY" -m pip install -q pytest
+    "$PY" -c "import pytest, huggingface_hub" 2>/dev/null || "$PY" -m pip install -q pytest huggingface_hub
   fi
 }
 
@@ -106,22 +106,54 @@ PYEOF
     setup
     "$PY" -c "import huggingface_hub" 2>/dev/null || "$PY" -m pip install -q huggingface_hub
     "$PY" - "${1:-80}" <<'PYEOF'
-# Resumable download of the challenge's sp1024 data, then a check of every shard's header and size.
-import glob, os, sys
+# Resumable download of the challenge's sp1024 data into data/hf (HF_ENDPOINT is honoured), linked into
+# the layout train_gpt.py reads (data/datasets/fineweb10B_sp1024, data/tokenizers); then every file is
+# checked: the tokenizer loads with 1,024 pieces, every shard has the right header and exact size. A bad
+# file is fetched again once; if it is still bad the run stops with one line naming it.
+import os, sys, time
+sys.path.insert(0, ".")
+import sentencepiece as spm
 from huggingface_hub import hf_hub_download
-n = int(sys.argv[1]); repo = "willdepueoai/parameter-golf"
-files = ["datasets/tokenizers/fineweb_1024_bpe.model", "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin"]
-files += [f"datasets/datasets/fineweb10B_sp1024/fineweb_train_{i:06d}.bin" for i in range(n)]
-for i, f in enumerate(files):
-    print(f"[{i + 1}/{len(files)}] {f}", flush=True)
-    hf_hub_download(repo, f, repo_type="dataset", local_dir="data_hf")
-for sub in ("tokenizers", "datasets"):
-    os.makedirs("data", exist_ok=True)
-    if not os.path.exists(f"data/{sub}"):
-        os.symlink(os.path.abspath(f"data_hf/datasets/{sub}"), f"data/{sub}")
-sys.path.insert(0, "."); import train_gpt as tg
-shards = sorted(glob.glob("data/datasets/fineweb10B_sp1024/*.bin"))
-print(f"verified {len(shards)} shards, {sum(len(tg.open_shard(s)) for s in shards):,} tokens")
+import train_gpt as tg
+n, repo, root = int(sys.argv[1]), "willdepueoai/parameter-golf", "data"
+endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+shards = ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(n)]
+files = {"datasets/tokenizers/fineweb_1024_bpe.model": "tokenizers/fineweb_1024_bpe.model"}
+files.update({f"datasets/datasets/fineweb10B_sp1024/{s}": f"datasets/fineweb10B_sp1024/{s}" for s in shards})
+def fetch(i, remote, force=False):
+    t0 = time.time()
+    try:
+        path = hf_hub_download(repo, remote, repo_type="dataset", local_dir=os.path.join(root, "hf"), force_download=force)
+    except Exception as e:  # network, HTTP or disk errors all end the same way: one line, resumable
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        sys.exit(f"data: could not download {remote} from {endpoint} ({type(e).__name__}: {why}); "
+                 f"files already here are kept - rerun ./run.sh data {n} to resume")
+    print(f"data:[{i}/{len(files)}] {remote} {os.path.getsize(path) / 1e6:.1f}MB {time.time() - t0:.1f}s", flush=True)
+    return path
+def check(path):
+    try:
+        if path.endswith(".model"):
+            vocab = spm.SentencePieceProcessor(model_file=path).vocab_size()
+            return None if vocab == 1024 else f"tokenizer {path} has {vocab} pieces, want 1024"
+        return None if len(tg.open_shard(path)) > 0 else f"shard {path} holds no tokens"
+    except (tg.UserError, OSError, RuntimeError) as e:
+        return str(e).splitlines()[0]
+total = 0
+for i, (remote, local) in enumerate(files.items(), 1):
+    path, link = fetch(i, remote), os.path.join(root, local)
+    if check(path):  # corrupt or truncated copy on disk: fetch it once more from scratch
+        path = fetch(i, remote, force=True)
+        if (why := check(path)):
+            sys.exit(f"data: {why} - the copy at {endpoint} looks bad; delete {path} and rerun ./run.sh data {n}")
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    if not os.path.exists(link) or os.path.islink(link):
+        if os.path.islink(link):
+            os.remove(link)
+        os.symlink(os.path.relpath(path, os.path.dirname(link)), link)
+    elif (why := check(link)):
+        sys.exit(f"data: {why} - {link} is not ours; move it away and rerun ./run.sh data {n}")
+    total += 0 if local.endswith(".model") else len(tg.open_shard(link))
+print(f"data:verified tokenizer + {len(shards)} shards ({n} train), {total:,} tokens in {root}/datasets/fineweb10B_sp1024")
 PYEOF
     ;;
   train)
@@ -131,6 +163,14 @@ PYEOF
   eval)
     [ $# -ge 1 ] || { echo "usage: ./run.sh eval path/to/final_model.int6.ptz" >&2; exit 2; }
     setup
+    log="$(dirname "$1")/train.log"
+    if [ -f "$log" ]; then  # an artifact in a run folder: that run's knobs, unless the environment sets them
+      while IFS='=' read -r k v; do
+        case "$k" in RUN_ID|RESUME|EVAL_ONLY|ARTIFACT|DRY_RUN|DEVICE|COMPILE) continue ;; esac
+        [ -n "${!k+x}" ] || export "$k=$v"
+      done < <(sed -n 's/^config:\([A-Z0-9_]*=.*\)$/\1/p' "$log" | sed 's/=True$/=1/; s/=False$/=0/')
+      echo "eval: knobs from $log (the environment overrides them)"
+    fi
     export EVAL_ONLY=1 ARTIFACT="$1"
     launch
     ;;

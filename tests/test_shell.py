@@ -1,0 +1,171 @@
+"""run.sh as a new user runs it, in a copy of the project: `data` against a local stand-in for the
+Hugging Face hub (HF_ENDPOINT), and `smoke` followed by `eval` of the artifact it wrote."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import SAMPLE, TINY, TOKENIZER, clean_env, final_line
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO = "willdepueoai/parameter-golf"
+
+
+def project_copy(tmp_path: Path) -> Path:
+    dest = tmp_path / "project"
+    dest.mkdir(parents=True)
+    for name in ("run.sh", "train_gpt.py", "requirements.txt"):
+        shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+def run_sh(project: Path, *args: str, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    """./run.sh with this interpreter's environment as its 'virtualenv' (nothing gets installed)."""
+    full = clean_env(VENV=sys.prefix, HF_HOME=project / ".hf_home", HF_HUB_DISABLE_TELEMETRY=1, **env)
+    return subprocess.run(["bash", str(project / "run.sh"), *args], cwd=project, env=full, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class FakeHub:
+    """Serves files under `root` at /datasets/{repo}/resolve/{revision}/{path}, HEAD and GET, counting GETs."""
+
+    def __init__(self, root: Path):
+        self.root, self.gets = root, []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def target(self):
+                prefix = f"/datasets/{REPO}/resolve/main/"
+                path = self.path.split("?")[0]
+                f = hub.root / path[len(prefix):] if path.startswith(prefix) else None
+                if f is None or not f.is_file():
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.end_headers()
+                    return None
+                data = f.read_bytes()
+                self.send_response(200)
+                self.send_header("ETag", '"' + hashlib.sha1(data).hexdigest() + '"')
+                self.send_header("X-Repo-Commit", "0" * 40)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                return data
+
+            def do_HEAD(self):
+                self.target()
+
+            def do_GET(self):
+                data = self.target()
+                if data is not None:
+                    hub.gets.append(self.path.rsplit("/", 1)[-1])
+                    self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    root = tmp_path / "hub"
+    (root / "datasets/tokenizers").mkdir(parents=True)
+    (root / "datasets/datasets/fineweb10B_sp1024").mkdir(parents=True)
+    shutil.copy2(TOKENIZER, root / "datasets/tokenizers/fineweb_1024_bpe.model")
+    for f in SAMPLE.glob("fineweb_*.bin"):
+        shutil.copy2(f, root / "datasets/datasets/fineweb10B_sp1024" / f.name)
+    h = FakeHub(root)
+    yield h
+    h.close()
+
+
+def test_data_downloads_links_verifies_and_resumes(tmp_path, hub):
+    project = project_copy(tmp_path)
+    r = run_sh(project, "data", "2", HF_ENDPOINT=hub.url)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "data:verified tokenizer + 3 shards (2 train)" in r.stdout
+    assert sorted(hub.gets) == ["fineweb_1024_bpe.model", "fineweb_train_000000.bin", "fineweb_train_000001.bin",
+                                "fineweb_val_000000.bin"]
+    data = project / "data/datasets/fineweb10B_sp1024"  # the layout train_gpt.py's defaults read
+    for f in SAMPLE.glob("fineweb_*.bin"):
+        assert (data / f.name).read_bytes() == f.read_bytes()
+    assert (project / "data/tokenizers/fineweb_1024_bpe.model").read_bytes() == TOKENIZER.read_bytes()
+
+    r = run_sh(project, "data", "2", HF_ENDPOINT=hub.url)  # a second run fetches nothing
+    assert r.returncode == 0 and len(hub.gets) == 4, r.stderr[-2000:]
+
+    local = project / "data/hf/datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
+    local.write_bytes(local.read_bytes()[:5000])  # a copy cut short on disk is found and fetched again
+    r = run_sh(project, "data", "2", HF_ENDPOINT=hub.url)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert hub.gets[4:] == ["fineweb_train_000001.bin"]
+    assert local.read_bytes() == (SAMPLE / "fineweb_train_000001.bin").read_bytes()
+
+
+def test_data_failures_are_one_line_and_keep_what_is_there(tmp_path, hub):
+    project = project_copy(tmp_path)
+    bad = hub.root / "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
+    good = bad.read_bytes()
+    bad.write_bytes(b"\0" * 3000)  # the hub's copy itself is corrupt
+    r = run_sh(project, "data", "2", HF_ENDPOINT=hub.url)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "fineweb_train_000001.bin" in r.stderr and "bad magic" in r.stderr and "looks bad" in r.stderr
+    assert (project / "data/datasets/fineweb10B_sp1024/fineweb_train_000000.bin").is_file()  # earlier files kept
+
+    bad.write_bytes(good)
+    r = run_sh(project, "data", "3", HF_ENDPOINT=hub.url)  # a shard the hub does not have
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "could not download datasets/datasets/fineweb10B_sp1024/fineweb_train_000002.bin" in r.stderr
+    assert "rerun ./run.sh data 3 to resume" in r.stderr
+    assert (project / "data/datasets/fineweb10B_sp1024/fineweb_train_000001.bin").read_bytes() == good
+
+    # Offline (HF_HUB_OFFLINE=1 fails at once; a dead network takes the same path after the hub's retries)
+    r = run_sh(project, "data", "2", HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE=1)  # what is here is verified
+    assert r.returncode == 0 and "data:verified tokenizer + 3 shards (2 train)" in r.stdout, r.stderr[-2000:]
+    fresh = project_copy(tmp_path / "fresh")
+    r = run_sh(fresh, "data", "2", HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE=1)  # nothing here
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "could not download" in r.stderr and "rerun ./run.sh data 2 to resume" in r.stderr
+
+
+def test_smoke_then_eval_reproduces_its_final_line(tmp_path):
+    """The README's first command (fewer steps), then `./run.sh eval` of the artifact it wrote: the knobs
+    come from the run's train.log, so the final line is the same."""
+    project = project_copy(tmp_path)
+    knobs = dict(ITERATIONS="8", WARMDOWN_ITERS="4", VAL_LOSS_EVERY="0", TTT_EPOCHS="1", VAL_MAX_TOKENS="4096",
+                 RUN_ID="first")
+    r = run_sh(project, "smoke", timeout=600, **knobs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "smoke data:" in r.stdout
+    run = project / "runs/first"
+    for name in ("final_model.int6.ptz", "submission.json", "train.log"):
+        assert (run / name).is_file(), name
+    first = final_line(r.stdout)
+    r = run_sh(project, "eval", "runs/first/final_model.int6.ptz", RUN_ID="again")  # knobs from its train.log
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert final_line(r.stdout) == first
+    r = run_sh(project, "eval")
+    assert r.returncode == 2 and "usage: ./run.sh eval" in r.stderr
+
+
+def test_train_launches_torchrun_for_several_processes(tmp_path):
+    project = project_copy(tmp_path)
+    r = run_sh(project, "train", **{**TINY, "NPROC": "2", "RUN_ID": "ddp", "TTT_ENABLED": "0"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world_size:2" in r.stdout and final_line(r.stdout)
+    assert (project / "runs/ddp/final_model.int6.ptz").is_file()
