@@ -996,9 +996,10 @@ def serialize_artifact(obj: dict) -> bytes:
 
 
 # Rate-targeted quantization (QUANT_TARGET_BYTES): spend the bytes under the cap where the loss is most
-# sensitive. Same file layout; each tensor gets one int6 step (in units of its RMS), chosen by a Lagrangian
-# trade of predicted loss 0.5*sum(F*err^2) (F = diagonal Fisher from training batches) against bytes.
-RATE_STEPS = tuple(2.0 ** (k / 4) for k in range(-20, 9))
+# sensitive. Same file layout; each tensor gets one int6 step (in units of its RMS) or stays fp16 (a
+# passthrough entry, step 0.0), chosen by a Lagrangian trade of predicted loss 0.5*sum(F*err^2) (F =
+# diagonal Fisher from training batches) against bytes. Steps above 1x RMS: the prediction fails there.
+RATE_STEPS = (0.0,) + tuple(2.0 ** (k / 4) for k in range(-20, 1))
 
 
 def sensitivity_from_batches(model: GPT, batches, rt: Runtime | None = None) -> dict[str, Tensor]:
@@ -1016,10 +1017,10 @@ def sensitivity_from_batches(model: GPT, batches, rt: Runtime | None = None) -> 
     return {n: v / max(len(batches), 1) for n, v in acc.items()}
 
 
-def huffman_bytes(q: Tensor) -> float:
-    """zstd's size for int6 codes from their histogram: Huffman-coded literals (within ~0.5% of zstd from
-    1.3 bits per weight up; below that matches beat Huffman's 1-bit floor, ~1.35x the entropy)."""
-    c = [x for x in torch.bincount(q.flatten().long() + 32, minlength=64).tolist() if x]
+def huffman_bytes(symbols: Tensor) -> float:
+    """zstd's size for a stream of small non-negative symbols from their histogram: Huffman-coded literals
+    (within ~0.5% of zstd from 1.3 bits per symbol up; below, matches beat Huffman's 1-bit floor, ~1.35x)."""
+    c = [x for x in torch.bincount(symbols.flatten().long()).tolist() if x]
     heap, bits, n = list(c), 0, sum(c)
     heapq.heapify(heap)
     while len(heap) > 1:  # the sum of merged counts = sum of count * code length
@@ -1048,9 +1049,11 @@ def quantize_to_budget(sd: dict[str, Tensor], budget: int, sens: dict[str, Tenso
     D, R = (torch.zeros(len(big), len(RATE_STEPS), dtype=torch.float64) for _ in range(2))
     for i, k in enumerate(big):
         f = sens[k].cpu().float() if sens is not None else 1.0
-        for j, step in enumerate(RATE_STEPS):
+        h = W[k].half()
+        D[i, 0], R[i, 0] = 0.5 * float((f * (h.float() - W[k]).square()).sum()), huffman_bytes(h.view(torch.uint8))
+        for j, step in enumerate(RATE_STEPS[1:], 1):
             q, s = rate_grid(W[k], step)
-            D[i, j], R[i, j] = 0.5 * float((f * (W[k] - q * s.float()[:, None]).square()).sum()), huffman_bytes(q)
+            D[i, j], R[i, j] = 0.5 * float((f * (W[k] - q * s.float()[:, None]).square()).sum()), huffman_bytes(q + 32)
 
     def solve(target: float) -> tuple[Tensor, Tensor]:  # step index per tensor, fraction of rows one finer
         lo, hi = -40.0, 40.0
@@ -1058,16 +1061,21 @@ def quantize_to_budget(sd: dict[str, Tensor], budget: int, sens: dict[str, Tenso
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if R.gather(1, (D + 10 ** mid * R).argmin(1)[:, None]).sum() <= target else (mid, hi)
         pick, frac = (D + 10 ** hi * R).argmin(1), torch.zeros(len(big), dtype=torch.float64)
-        slack = target - float(R.gather(1, pick[:, None]).sum())
-        while (pick > 0).any():  # greedy: the best loss-per-byte move one step finer; the last one partial
-            up = torch.arange(len(big))[pick > 0]
+        slack, stuck = target - float(R.gather(1, pick[:, None]).sum()), torch.zeros(len(big), dtype=torch.bool)
+        while True:  # greedy: the best loss-per-byte move one step finer; the last one partial (fp16: all rows)
+            up = torch.arange(len(big))[(pick > 0) & ~stuck]
             dD, dR = D[up, pick[up]] - D[up, pick[up] - 1], R[up, pick[up] - 1] - R[up, pick[up]]
+            if not (dD > 0).any():
+                return pick, frac
             b = int(torch.where(dD > 0, dD / dR.clamp_min(1e-9), -1.0).argmax())
-            if dD[b] <= 0 or dR[b] > slack:
-                frac[up[b]] = max(slack, 0.0) / float(dR[b]) if dD[b] > 0 else 0.0
-                break
-            pick[up[b]], slack = pick[up[b]] - 1, slack - float(dR[b])
-        return pick, frac
+            i = int(up[b])
+            if dR[b] <= slack:
+                pick[i], slack = pick[i] - 1, slack - float(dR[b])
+            elif pick[i] == 1:
+                stuck[i] = True
+            else:
+                frac[i] = max(slack, 0.0) / float(dR[b])
+                return pick, frac
 
     def cost(M: Tensor, pick: Tensor, frac: Tensor) -> Tensor:  # per tensor, interpolated over its rows
         cur, fine = M.gather(1, pick[:, None])[:, 0], M.gather(1, (pick - 1).clamp_min(0)[:, None])[:, 0]
@@ -1076,6 +1084,9 @@ def quantize_to_budget(sd: dict[str, Tensor], budget: int, sens: dict[str, Tenso
     def build(pick: Tensor, frac: Tensor) -> dict:
         obj, _ = quantize_state_dict({k: t for k, t in sd.items() if k not in big}, quant_embed)
         for i, k in enumerate(big):
+            if pick[i] == 0:
+                obj["passthrough"][k], obj["passthrough_orig_dtypes"][k] = sd[k].detach().cpu().half(), str(sd[k].dtype)[6:]
+                continue
             steps = torch.full((W[k].size(0),), RATE_STEPS[pick[i]])
             steps[:round(float(frac[i]) * W[k].size(0))] = RATE_STEPS[max(int(pick[i]) - 1, 0)]
             q, obj["scales"][k] = rate_grid(W[k], steps)
@@ -1102,15 +1113,15 @@ def quantize_to_budget(sd: dict[str, Tensor], budget: int, sens: dict[str, Tenso
     for i, (k, b, d) in enumerate(zip(big, cost(R, pick, frac).tolist(), cost(D, pick, frac).tolist())):
         kd = kinds.setdefault(k.split(".", 2)[-1] if k.startswith("blocks.") else k, [0, 0.0, 0.0, set()])
         kd[0], kd[1], kd[2] = kd[0] + W[k].numel(), kd[1] + b, kd[2] + d
-        kd[3].add(f"{RATE_STEPS[pick[i]]:.3g}")
+        kd[3].add(f"{RATE_STEPS[pick[i]]:.3g}" if pick[i] else "fp16")
     for kind, (n, b, d, steps) in kinds.items():
         log(f"quant_rate kind:{kind} step/rms:{','.join(sorted(steps))} bits/weight:{8 * b / n:.3f} bytes:{b:.0f} "
             f"predicted_dloss:{d:.6f}")
     predicted = float(cost(D, pick, frac).sum())
     log(f"quant_rate bytes:{len(blob)} budget:{budget} compressor_calls:{call + 1} predicted_dloss:{predicted:.6f} "
         f"time:{time.perf_counter() - t0:.1f}s")
-    return build(pick, frac), {"rows": sum(W[k].size(0) for k in big), "floor_rows": 0, "bytes": len(blob),
-                               "blob": blob, "predicted_dloss": predicted, "compressor_calls": call + 1}
+    return build(pick, frac), {"rows": sum(W[k].size(0) for i, k in enumerate(big) if pick[i]), "floor_rows": 0,
+                               "bytes": len(blob), "blob": blob, "predicted_dloss": predicted, "compressor_calls": call + 1}
 
 
 def read_artifact(path: str, max_bytes: int = 1 << 30) -> dict:
