@@ -167,9 +167,7 @@ class Hyperparameters:
             if key not in names and key not in SEED_KNOBS and (close or ("_" in key and key.split("_")[0] in prefixes)):
                 raise UserError(f"unknown setting {key}" + (f" (did you mean {close[0]}?)" if close else ""))
         kwargs = {}
-        for name, f in names.items():
-            if name not in env:
-                continue
+        for name, f in [(n, f) for n, f in names.items() if n in env]:
             raw, typ = env[name].strip(), type(f.default)
             try:
                 if typ is bool:
@@ -371,7 +369,8 @@ def rms(x: Tensor) -> Tensor:
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention on (B, T, H, hd) tensors; query head h reads kv head h // (H/Hkv)."""
-    if _fa3 is not None and q.is_cuda and not torch.compiler.is_compiling():  # FA3 is not traceable: eager only
+    fa3 = _fa3 is not None and not torch.compiler.is_compiling() and q.is_cuda  # FA3 is not traced: eager only
+    if fa3 and torch.cuda.get_device_capability(q.device)[0] == 9:  # and its kernels are Hopper-only
         out = _fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
         return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
@@ -411,10 +410,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.h, self.hd)
         k = self.c_k(x).view(B, T, self.hkv, self.hd)
-        v = self.c_v(x)
-        if ve is not None:
-            v = v + ve
-        v = v.view(B, T, self.hkv, self.hd)
+        v = (self.c_v(x) if ve is None else self.c_v(x) + ve).view(B, T, self.hkv, self.hd)
         q, k = apply_rope(rms(q), *rope), apply_rope(rms(k), *rope)
         q = q * self.q_gain.to(q.dtype)[:, None]
         y = attention(q, k, v)  # (B, T, H, hd)
@@ -523,9 +519,7 @@ class GPT(nn.Module):
         nn.init.zeros_(self.bigram_emb.embed.weight)
         if self.ve_layers:
             nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
-        for name, m in self.named_modules():
-            if not isinstance(m, nn.Linear):
-                continue
+        for name, m in [(n, m) for n, m in self.named_modules() if isinstance(m, nn.Linear)]:
             if name.endswith("attn.proj") or name.endswith("mlp.down_proj"):
                 nn.init.zeros_(m.weight)
             elif min(m.weight.shape) >= 64:
@@ -650,7 +644,7 @@ def build_optimizers(hp: Hyperparameters, model: GPT) -> list[torch.optim.Optimi
     mk = lambda kind: [dict(params=ps, lr=lr, base_lr=lr) for (o, lr), ps in groups.items() if o == kind]
     fused = next(model.parameters()).is_cuda
     return [Muon(mk("muon"), hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
-                 torch.compile(newton_schulz) if fused else newton_schulz),
+                 torch.compile(newton_schulz) if fused and hp.compile != "0" else newton_schulz),
             torch.optim.AdamW(mk("adam"), betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
                               fused=fused)]
 
@@ -838,7 +832,7 @@ class Trainer:
         d = self.checkpoint_dir()
         for path in sorted(d.glob("ckpt_*.pt"), reverse=True):
             try:
-                st = torch.load(path, map_location=self.rt.device, weights_only=True)
+                st = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
             except Exception as e:
                 self.rt.log(f"checkpoint:{path} unreadable ({type(e).__name__}), trying an older one")
                 continue
@@ -861,6 +855,10 @@ class Trainer:
         now_ms = lambda: self.train_ms + (time.perf_counter() - t_mark) * 1000
         while True:
             elapsed = now_ms()
+            if rt.world > 1 and hp.max_wallclock_seconds > 0:  # rank 0's clock for all: same stop step, same LR
+                box = torch.tensor([elapsed], dtype=torch.float64, device=rt.device)
+                dist.broadcast(box, 0)
+                elapsed = float(box.item())
             done = self.step >= hp.iterations or (hp.max_wallclock_seconds > 0 and elapsed >= hp.max_wallclock_seconds * 1000)
             if (hp.val_loss_every and self.step % hp.val_loss_every == 0) or (done and self.step > 0):
                 if rt.device.type == "cuda":
@@ -1212,11 +1210,10 @@ def score_windows(hp: Hyperparameters, rt: Runtime, padded: Tensor, n_targets: i
                   meter: BpbMeter) -> None:
     """Score windows (CPU index tensors) in fixed-size batches; padded = tokens + seq_len+1 zeros, on device."""
     T, B = hp.train_seq_len, hp.eval_batch_seqs
-    ar = torch.arange(T + 1, device=rt.device)
+    ar, pad = torch.arange(T + 1, device=rt.device), -len(starts) % B  # whole batches: static shapes
+    st_all, of_all = F.pad(starts, (0, pad)).to(rt.device), F.pad(offs, (0, pad), value=T).to(rt.device)
     for i in range(0, len(starts), B):
-        st, of = starts[i:i + B], offs[i:i + B]
-        n, sf = len(st), int(of.min())
-        st, of = F.pad(st, (0, B - n)).to(rt.device), F.pad(of, (0, B - n), value=T).to(rt.device)
+        st, of, sf = st_all[i:i + B], of_all[i:i + B], int(offs[i:i + B].min())
         g = padded[st[:, None] + ar]
         x, y = g[:, :-1], g[:, 1:]
         with rt.autocast():
@@ -1346,7 +1343,7 @@ def log_header(hp: Hyperparameters, rt: Runtime) -> None:
         rt.log(f"config:{f.name.upper()}={getattr(hp, f.name)}")
     dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or platform.machine()
     rt.log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-           f"cuda:{torch.version.cuda} flash_attn3:{_fa3 is not None}")
+           f"cuda:{torch.version.cuda} flash_attn3:{'eager_on_hopper' if _fa3 else 'absent'}")
     rt.log(f"device:{rt.device.type} name:{dev} world_size:{rt.world} cpu_threads:{torch.get_num_threads()}")
 
 

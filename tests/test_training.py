@@ -330,6 +330,26 @@ def test_divergence_exits_with_step_and_keeps_checkpoints(runs):
 
 # ---------------------------------------------------------------------------------------------- 4. torchrun
 
+def test_wallclock_cap_follows_rank_0s_clock(tmp_path):
+    """Each host clock runs ahead of its GPU by a different amount; if every rank read its own, one could
+    stop (and evaluate) while another trains: mismatched collectives, a hang, or weights drifting apart
+    through different warm-down LRs. Rank 1's clock runs 10,000x fast here (its cap passes after ~0.1 s):
+    the run must still train all its steps on both ranks and give the same result as an unskewed run."""
+    hook = tmp_path / "skew"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    _pc = time.perf_counter\n"
+        "    time.perf_counter = lambda: _pc() * 10000.0\n")
+    cfg = {**TINY, "ITERATIONS": "6", "MICRO_BATCH_SEQS": "8", "MAX_WALLCLOCK_SECONDS": "1000", "WARMDOWN_ITERS": "2",
+           "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "RUNS_DIR": str(tmp_path / "runs")}
+    skewed = ok(run_script({**cfg, "RUN_ID": "skewed", "PYTHONPATH": str(hook)}, torchrun=2, timeout=150))
+    plain = ok(run_script({**cfg, "RUN_ID": "plain"}, torchrun=2, timeout=150))
+    assert '"training_steps": 6' in (tmp_path / "runs/skewed/submission.json").read_text()
+    assert final_line(skewed.stdout) == final_line(plain.stdout)
+
+
 def test_two_process_torchrun_equals_grad_accumulation(tmp_path):
     """2 gloo ranks x 1 micro-step == 1 process x 2 micro-steps (same global batch, distributed Muon).
     Only rank 0 writes: one run folder, each line once, exactly the expected files."""
