@@ -81,7 +81,7 @@ class FakeHub:
 
 
 @pytest.fixture
-def hub(tmp_path):
+def hub(tmp_path, fixtures_present):
     pytest.importorskip("huggingface_hub")
     root = tmp_path / "hub"
     (root / "datasets/tokenizers").mkdir(parents=True)
@@ -163,7 +163,7 @@ def test_smoke_then_eval_reproduces_its_final_line(tmp_path):
     assert r.returncode == 2 and "usage: ./run.sh eval" in r.stderr
 
 
-def test_train_launches_torchrun_for_several_processes(tmp_path):
+def test_train_launches_torchrun_for_several_processes(tmp_path, fixtures_present):
     project = project_copy(tmp_path)
     r = run_sh(project, "train", **{**TINY, "NPROC": "2", "RUN_ID": "ddp", "TTT_ENABLED": "0"})
     assert r.returncode == 0, r.stderr[-3000:]
