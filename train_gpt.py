@@ -315,8 +315,7 @@ def load_tokenizer(hp: Hyperparameters):
 def byte_tables(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per token id: UTF-8 bytes without a leading '▁', whether it has one, whether it is a boundary."""
     base = torch.zeros(vocab_size, dtype=torch.int64)
-    space = torch.zeros(vocab_size, dtype=torch.bool)
-    boundary = torch.zeros(vocab_size, dtype=torch.bool)
+    space, boundary = (torch.zeros(vocab_size, dtype=torch.bool) for _ in range(2))
     for i in range(sp.vocab_size()):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             boundary[i] = True
@@ -1207,11 +1206,12 @@ def rank_share(lo: int, hi: int, rt: Runtime) -> tuple[int, int]:
 
 @torch.no_grad()
 def score_windows(hp: Hyperparameters, rt: Runtime, padded: Tensor, n_targets: int, starts: Tensor, offs: Tensor,
-                  meter: BpbMeter) -> None:
-    """Score windows (CPU index tensors) in fixed-size batches; padded = tokens + seq_len+1 zeros, on device."""
+                  meter: BpbMeter, label: str = "") -> None:
+    """Score windows (CPU index tensors) in fixed-size batches; padded = tokens + seq_len+1 zeros, on device.
+    A label adds progress lines for this rank's batches (no collectives: ranks' shares may differ)."""
     T, B = hp.train_seq_len, hp.eval_batch_seqs
-    ar, pad = torch.arange(T + 1, device=rt.device), -len(starts) % B  # whole batches: static shapes
-    st_all, of_all = F.pad(starts, (0, pad)).to(rt.device), F.pad(offs, (0, pad), value=T).to(rt.device)
+    ar, pad, t0, n_b = torch.arange(T + 1, device=rt.device), -len(starts) % B, time.perf_counter(), -(-len(starts) // B)
+    st_all, of_all = F.pad(starts, (0, pad)).to(rt.device), F.pad(offs, (0, pad), value=T).to(rt.device)  # whole batches
     for i in range(0, len(starts), B):
         st, of, sf = st_all[i:i + B], of_all[i:i + B], int(offs[i:i + B].min())
         g = padded[st[:, None] + ar]
@@ -1221,6 +1221,9 @@ def score_windows(hp: Hyperparameters, rt: Runtime, padded: Tensor, n_targets: i
         j = torch.arange(sf, T, device=rt.device)
         mask = (j >= of[:, None]) & (st[:, None] + j < n_targets)
         meter.add(losses, x[:, sf:], y[:, sf:], mask)
+        if label and (i // B + 1) % -(-n_b // 20) == 0:  # at most 20 lines
+            rate = (i // B + 1) / (time.perf_counter() - t0)
+            rt.log(f"{label}:{i // B + 1}/{n_b} batches_per_s:{rate:.2f} eta:{(n_b - i // B - 1) / rate:.0f}s")
 
 
 def evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tables, stride: int) -> tuple[float, float]:
@@ -1230,7 +1233,8 @@ def evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tables, 
     lo, hi = rank_share(0, len(starts), rt)
     meter = BpbMeter(tables, rt.device)
     padded = F.pad(val, (0, hp.train_seq_len + 1)).to(rt.device)
-    score_windows(hp, rt, padded, len(val) - 1, starts[lo:hi], offs[lo:hi], meter)
+    score_windows(hp, rt, padded, len(val) - 1, starts[lo:hi], offs[lo:hi], meter,
+                  "sliding_eval_batch" if 0 < stride < hp.train_seq_len else "")
     model.train()
     return meter.result()
 
@@ -1379,15 +1383,13 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     stream = None if hp.eval_only else TokenStream(train_files)
     model = GPT(hp).to(rt.device)
     n_params = sum(p.numel() for p in model.parameters())
-    if hp.dry_run:
-        log_header(hp, rt)
-        n_train = sum(len(s) for s in stream.shards) if stream else 0
-        rt.log(f"data: train_shards:{len(train_files)} train_tokens:{n_train} val_tokens:{len(val)} tokenizer:{hp.tokenizer_path}")
-        rt.log(f"model_params:{n_params}")
-        return 0
-    hp = open_run_dir(hp, rt)
+    hp = hp if hp.dry_run else open_run_dir(hp, rt)
     log_header(hp, rt)
     rt.log(f"model_params:{n_params}")
+    if hp.dry_run:
+        rt.log(f"data: train_shards:{len(train_files)} train_tokens:{sum(len(s) for s in stream.shards) if stream else 0} "
+               f"val_tokens:{len(val)} tokenizer:{hp.tokenizer_path}")
+        return 0
     use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
     if use_compile:  # one graph per (batch, score_from, grad mode, frozen set): training, evals and TTT need ~8
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)

@@ -149,6 +149,21 @@ def test_sliding_with_stride_seq_len_equals_standard(val_tokens, tables):
     assert tg.evaluate(hp, runtime(model), model, val, tables, 32)[0] != pytest.approx(std[0], rel=1e-6)
 
 
+def test_sliding_evaluation_reports_progress_with_rate_and_eta(val_tokens, tables, monkeypatch):
+    model, lines = live_model(3), []
+    rt = runtime(model)
+    monkeypatch.setattr(rt, "log", lines.append)
+    hp = tiny_hp(eval_batch_seqs=2)
+    n_batches = -(-len(tg.plan_windows(len(val_tokens), T, 32)[0]) // 2)
+    tg.evaluate(hp, rt, model, val_tokens, tables, 32)
+    assert n_batches > 20 and 10 <= len(lines) <= 20, (n_batches, lines)  # a line every ceil(n/20) batches
+    done = [int(re.fullmatch(rf"sliding_eval_batch:(\d+)/{n_batches} batches_per_s:[\d.]+ eta:\d+s", l)[1]) for l in lines]
+    assert done == sorted(set(done)) and done[-1] > n_batches - -(-n_batches // 20), done
+    lines.clear()
+    tg.evaluate(hp, rt, model, val_tokens, tables, 0)  # standard evaluation is short: silent
+    assert lines == []
+
+
 def test_ttt_without_epochs_is_sliding_evaluation(val_tokens, tables):
     model = live_model(3)
     hp = tiny_hp(ttt_epochs=0, eval_stride=32, ttt_chunk_tokens=256, eval_batch_seqs=3)
