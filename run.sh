@@ -142,18 +142,21 @@ def check(path):
         return str(e).splitlines()[0]
 total = 0
 for i, (remote, local) in enumerate(files.items(), 1):
-    path, link = fetch(i, remote), os.path.join(root, local)
-    if check(path):  # corrupt or truncated copy on disk: fetch it once more from scratch
-        path = fetch(i, remote, force=True)
-        if (why := check(path)):
-            sys.exit(f"data: {why} - the copy at {endpoint} looks bad; delete {path} and rerun ./run.sh data {n}")
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    if not os.path.exists(link) or os.path.islink(link):
-        if os.path.islink(link):
+    link = os.path.join(root, local)
+    if os.path.isfile(link) and not os.path.islink(link):  # a file of its own (e.g. the official helper's): keep it
+        if (why := check(link)):
+            sys.exit(f"data: {why} - {link} was not downloaded by this script; move it away and rerun ./run.sh data {n}")
+        print(f"data:[{i}/{len(files)}] {link} already here", flush=True)
+    else:
+        path = fetch(i, remote)
+        if check(path):  # corrupt or truncated copy on disk: fetch it once more from scratch
+            path = fetch(i, remote, force=True)
+            if (why := check(path)):
+                sys.exit(f"data: {why} - the copy at {endpoint} looks bad; delete {path} and rerun ./run.sh data {n}")
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if os.path.lexists(link):
             os.remove(link)
         os.symlink(os.path.relpath(path, os.path.dirname(link)), link)
-    elif (why := check(link)):
-        sys.exit(f"data: {why} - {link} is not ours; move it away and rerun ./run.sh data {n}")
     total += 0 if local.endswith(".model") else len(tg.open_shard(link))
 print(f"data:verified tokenizer + {len(shards)} shards ({n} train), {total:,} tokens in {root}/datasets/fineweb10B_sp1024")
 PYEOF

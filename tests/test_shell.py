@@ -109,11 +109,19 @@ def test_data_downloads_links_verifies_and_resumes(tmp_path, hub):
     r = run_sh(project, "data", "2", HF_ENDPOINT=hub.url)  # a second run fetches nothing
     assert r.returncode == 0 and len(hub.gets) == 4, r.stderr[-2000:]
 
+    other = project_copy(tmp_path / "other")  # files already in place (e.g. the official helper's) are kept
+    mine = other / "data/datasets/fineweb10B_sp1024/fineweb_val_000000.bin"
+    mine.parent.mkdir(parents=True)
+    shutil.copy2(SAMPLE / mine.name, mine)
+    r = run_sh(other, "data", "0", HF_ENDPOINT=hub.url)
+    assert r.returncode == 0 and "data:verified tokenizer + 1 shards (0 train)" in r.stdout, r.stderr[-2000:]
+    assert hub.gets[4:] == ["fineweb_1024_bpe.model"] and not mine.is_symlink()
+
     local = project / "data/hf/datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
     local.write_bytes(local.read_bytes()[:5000])  # a copy cut short on disk is found and fetched again
     r = run_sh(project, "data", "2", HF_ENDPOINT=hub.url)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert hub.gets[4:] == ["fineweb_train_000001.bin"]
+    assert hub.gets[5:] == ["fineweb_train_000001.bin"]
     assert local.read_bytes() == (SAMPLE / "fineweb_train_000001.bin").read_bytes()
 
 
