@@ -1081,13 +1081,14 @@ def quantize_to_budget(sd: dict[str, Tensor], budget: int, sens: dict[str, Tenso
     def build(pick: Tensor, frac: Tensor) -> dict:
         obj, _ = quantize_state_dict({k: t for k, t in sd.items() if k not in big}, quant_embed)
         for i, k in enumerate(big):
-            if pick[i] == 0:
-                obj["passthrough"][k], obj["passthrough_orig_dtypes"][k] = sd[k].detach().cpu().half(), str(sd[k].dtype)[6:]
+            dtype = str(sd[k].dtype).removeprefix("torch.")
+            if pick[i] == 0:  # kept in fp16, as the seed keeps tok_emb with QUANT_EMBED=0
+                obj["passthrough"][k], obj["passthrough_orig_dtypes"][k] = sd[k].detach().cpu().half(), dtype
                 continue
             steps = torch.full((W[k].size(0),), RATE_STEPS[pick[i]])
             steps[:round(float(frac[i]) * W[k].size(0))] = RATE_STEPS[max(int(pick[i]) - 1, 0)]
             q, obj["scales"][k] = rate_grid(W[k], steps)
-            obj["quantized"][k], obj["dtypes"][k] = q.to(torch.int8), str(sd[k].dtype).removeprefix("torch.")
+            obj["quantized"][k], obj["dtypes"][k] = q.to(torch.int8), dtype
             obj["qmeta"][k] = {"scheme": "per_row", "axis": 0}
         return obj
 
@@ -1209,10 +1210,11 @@ def score_windows(hp: Hyperparameters, rt: Runtime, padded: Tensor, n_targets: i
                   meter: BpbMeter, label: str = "") -> None:
     """Score windows (CPU index tensors) in fixed-size batches; padded = tokens + seq_len+1 zeros, on device.
     A label adds progress lines for this rank's batches (no collectives: ranks' shares may differ)."""
-    T, B = hp.train_seq_len, hp.eval_batch_seqs
-    ar, pad, t0, n_b = torch.arange(T + 1, device=rt.device), -len(starts) % B, time.perf_counter(), -(-len(starts) // B)
-    st_all, of_all = F.pad(starts, (0, pad)).to(rt.device), F.pad(offs, (0, pad), value=T).to(rt.device)  # whole batches
-    for i in range(0, len(starts), B):
+    T, B, t0 = hp.train_seq_len, hp.eval_batch_seqs, time.perf_counter()
+    n_b = -(-len(starts) // B)  # batches, the last one padded: static shapes
+    ar, pad = torch.arange(T + 1, device=rt.device), n_b * B - len(starts)
+    st_all, of_all = F.pad(starts, (0, pad)).to(rt.device), F.pad(offs, (0, pad), value=T).to(rt.device)
+    for done, i in enumerate(range(0, len(starts), B), 1):
         st, of, sf = st_all[i:i + B], of_all[i:i + B], int(offs[i:i + B].min())
         g = padded[st[:, None] + ar]
         x, y = g[:, :-1], g[:, 1:]
@@ -1221,9 +1223,9 @@ def score_windows(hp: Hyperparameters, rt: Runtime, padded: Tensor, n_targets: i
         j = torch.arange(sf, T, device=rt.device)
         mask = (j >= of[:, None]) & (st[:, None] + j < n_targets)
         meter.add(losses, x[:, sf:], y[:, sf:], mask)
-        if label and (i // B + 1) % -(-n_b // 20) == 0:  # at most 20 lines
-            rate = (i // B + 1) / (time.perf_counter() - t0)
-            rt.log(f"{label}:{i // B + 1}/{n_b} batches_per_s:{rate:.2f} eta:{(n_b - i // B - 1) / rate:.0f}s")
+        if label and done % -(-n_b // 20) == 0:  # at most 20 lines
+            rate = done / (time.perf_counter() - t0)
+            rt.log(f"{label}:{done}/{n_b} batches_per_s:{rate:.2f} eta:{(n_b - done) / rate:.0f}s")
 
 
 def evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tables, stride: int) -> tuple[float, float]:
@@ -1274,8 +1276,7 @@ def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tabl
         n_seq = (c1 - c0) // T
         if ci < n_chunks - 1 and hp.ttt_epochs > 0 and n_seq > 0:
             model.train()
-            for g in opt.param_groups:
-                g["lr"] = hp.ttt_lr * ttt_lr_multiplier(ci, n_chunks)
+            opt.param_groups[0]["lr"] = hp.ttt_lr * ttt_lr_multiplier(ci, n_chunks)
             for _ in range(hp.ttt_epochs):
                 for b in range(0, n_seq, hp.ttt_batch_seqs):
                     nb = min(hp.ttt_batch_seqs, n_seq - b)
