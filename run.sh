@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# run.sh — one entry point for every job. Usage: ./run.sh [smoke|test|data [N]|train|eval ARTIFACT|bench]
+# run.sh — one entry point for every job. Usage: ./run.sh [smoke|test|data [N]|train|eval ARTIFACT|bench WHAT]
 #   smoke (default)  end to end on the CPU in minutes, no download: tokenizer + shards from Python's own
 #                    docstrings (or the downloaded FineWeb sample if present), train, artifact, TTT, final line
 #   test             the test suite (what CI runs)
 #   data [N]         download the sp1024 tokenizer, the validation split and N train shards (default 80)
 #   train            the seed's 25k-step run on all visible GPUs (override any knob through the environment)
 #   eval ARTIFACT    score an artifact without training (EVAL_ONLY)
-#   bench            training throughput, step time and peak memory at the seed config on this device
+#   bench WHAT       train (tokens/s, step time, memory at the seed config), ttt, artifact: tests/bench.py
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
@@ -79,7 +79,7 @@ text = "\n".join(docs)
 spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_prefix=os.path.join(out, "tokenizer"),
     vocab_size=1024, model_type="bpe", normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True,
     add_dummy_prefix=False, byte_fallback=False, bos_id=1, eos_id=2, unk_id=3, pad_id=0,
-    character_coverage=0.9995, train_extremely_large_corpus=False, minloglevel=2)
+    character_coverage=0.9995, minloglevel=2)
 sp = spm.SentencePieceProcessor(model_file=os.path.join(out, "tokenizer.model"))
 def write(path, docs):
     toks = np.concatenate([np.array([1] + sp.encode(d), dtype=np.uint16) for d in docs])
@@ -122,14 +122,17 @@ endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 shards = ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(n)]
 files = {"datasets/tokenizers/fineweb_1024_bpe.model": "tokenizers/fineweb_1024_bpe.model"}
 files.update({f"datasets/datasets/fineweb10B_sp1024/{s}": f"datasets/fineweb10B_sp1024/{s}" for s in shards})
+def fail(msg):  # one line, exit 2 like every other refusal of the project
+    print(f"data: {msg}", file=sys.stderr)
+    sys.exit(2)
 def fetch(i, remote, force=False):
     t0 = time.time()
     try:
         path = hf_hub_download(repo, remote, repo_type="dataset", local_dir=os.path.join(root, "hf"), force_download=force)
     except Exception as e:  # network, HTTP or disk errors all end the same way: one line, resumable
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        sys.exit(f"data: could not download {remote} from {endpoint} ({type(e).__name__}: {why}); "
-                 f"files already here are kept - rerun ./run.sh data {n} to resume")
+        why = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        fail(f"could not download {remote} from {endpoint} ({type(e).__name__}: {why}); is it reachable (a mirror: "
+             f"HF_ENDPOINT=...)? Files already here are kept - rerun ./run.sh data {n} to resume")
     print(f"data:[{i}/{len(files)}] {remote} {os.path.getsize(path) / 1e6:.1f}MB {time.time() - t0:.1f}s", flush=True)
     return path
 def check(path):
@@ -145,14 +148,14 @@ for i, (remote, local) in enumerate(files.items(), 1):
     link = os.path.join(root, local)
     if os.path.isfile(link) and not os.path.islink(link):  # a file of its own (e.g. the official helper's): keep it
         if (why := check(link)):
-            sys.exit(f"data: {why} - {link} was not downloaded by this script; move it away and rerun ./run.sh data {n}")
+            fail(f"{why} - {link} was not downloaded by this script; move it away and rerun ./run.sh data {n}")
         print(f"data:[{i}/{len(files)}] {link} already here", flush=True)
     else:
         path = fetch(i, remote)
         if check(path):  # corrupt or truncated copy on disk: fetch it once more from scratch
             path = fetch(i, remote, force=True)
             if (why := check(path)):
-                sys.exit(f"data: {why} - the copy at {endpoint} looks bad; delete {path} and rerun ./run.sh data {n}")
+                fail(f"{why} - the copy at {endpoint} looks bad; delete {path} and rerun ./run.sh data {n}")
         os.makedirs(os.path.dirname(link), exist_ok=True)
         if os.path.lexists(link):
             os.remove(link)
@@ -184,7 +187,8 @@ PYEOF
     exec "$PY" tests/bench.py "$@"
     ;;
   *)
-    sed -n '2,10p' "$0" >&2
+    echo "run.sh: unknown mode '$cmd'" >&2
+    sed -n '2,9p' "$0" >&2
     exit 2
     ;;
 esac

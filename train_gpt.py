@@ -163,7 +163,8 @@ class Hyperparameters:
         generic = {"DATA", "RUN", "RUNS", "SEED", "DEVICE", "COMPILE", "RESUME", "ARTIFACT", "MAX", "ITERATIONS"}
         prefixes = {n.split("_")[0] for n in names} - generic
         for key in env:  # a typo in a knob name must not silently fall back to the default
-            close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.85)
+            close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.85) or \
+                [n for n in names if n.startswith(key + "_")][:1]  # a shortened name: MAX_WALLCLOCK, WARMDOWN
             if key not in names and key not in SEED_KNOBS and (close or ("_" in key and key.split("_")[0] in prefixes)):
                 raise UserError(f"unknown setting {key}" + (f" (did you mean {close[0]}?)" if close else ""))
         kwargs = {}
@@ -199,7 +200,8 @@ class Hyperparameters:
              f"must be even and <= head dim {self.head_dim}")
         need(self.xsa_layers <= self.num_layers, "XSA_LAYERS", f"exceeds NUM_LAYERS={self.num_layers}")
         need(self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", f"exceeds NUM_LAYERS={self.num_layers}")
-        need(self.warmdown_iters <= self.iterations or self.iterations == 0, "WARMDOWN_ITERS", f"exceeds ITERATIONS={self.iterations}")
+        need(self.warmdown_iters <= self.iterations or self.iterations == 0, "WARMDOWN_ITERS", f"exceeds ITERATIONS="
+             f"{self.iterations}; set it too, e.g. WARMDOWN_ITERS={self.iterations * 13 // 25} (the seed's 52%)")
         need(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
              f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
         try:
@@ -208,7 +210,7 @@ class Hyperparameters:
             raise UserError(f"VE_LAYERS={self.ve_layers!r} must be comma-separated integers") from None
         need(all(0 <= i < self.num_layers for i in layers) and len(set(layers)) == len(layers), "VE_LAYERS",
              f"indices must be distinct and within 0..{self.num_layers - 1}")
-        need(not self.eval_only or bool(self.artifact), "ARTIFACT", "EVAL_ONLY=1 needs ARTIFACT=path/to/final_model.int6.ptz")
+        need(not self.eval_only or os.path.isfile(self.artifact), "ARTIFACT", "EVAL_ONLY=1 needs ARTIFACT=an existing final_model.int6.ptz")
 
     def model_signature(self) -> dict:
         """The knobs that decide parameter shapes and the forward; checkpoints must agree on these."""
@@ -254,7 +256,7 @@ def open_shard(path: str) -> np.ndarray:
 
 def shard_files(data_path: str, split: str) -> list[str]:
     if not os.path.isdir(data_path):
-        raise UserError(f"DATA_PATH={data_path} is not a directory (download the data: ./run.sh data)")
+        raise UserError(f"DATA_PATH={data_path} is not a directory (download: ./run.sh data N; 0 = no train shards)")
     files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
     if not files:
         raise UserError(f"no fineweb_{split}_*.bin shards in DATA_PATH={data_path}")
@@ -302,7 +304,7 @@ def load_validation(hp: Hyperparameters) -> Tensor:
 def load_tokenizer(hp: Hyperparameters):
     import sentencepiece as spm
     if not os.path.isfile(hp.tokenizer_path):
-        raise UserError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist (download: ./run.sh data)")
+        raise UserError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist (download: ./run.sh data N; 0 = no train shards)")
     try:
         sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
     except Exception as e:
@@ -379,8 +381,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def rope_angles(hp: Hyperparameters, seq_len: int, device) -> tuple[Tensor, Tensor]:
     """cos/sin (T, ROPE_DIMS/2), recomputed per forward so no cache outlives an inference_mode block."""
-    half = hp.rope_dims // 2
-    base = hp.rope_base
+    half, base = hp.rope_dims // 2, hp.rope_base
     if seq_len > hp.rope_train_seq_len and hp.rope_dims > 2:  # YaRN-style base stretch for longer windows
         base = base * (seq_len / hp.rope_train_seq_len) ** (hp.rope_dims / (hp.rope_dims - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, hp.rope_dims, 2, dtype=torch.float32, device=device) / hp.rope_dims)
@@ -1138,7 +1139,7 @@ def read_artifact(path: str, max_bytes: int = 1 << 30) -> dict:
             raise bad(f"declares {params.content_size} decompressed bytes (limit {max_bytes})")
         raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=max_bytes)
     except zstandard.ZstdError as e:
-        raise bad(f"not a valid zstd stream ({e}); truncated or not an artifact?") from None
+        raise bad(f"not a valid zstd stream ({e}); truncated, or not an artifact (that is final_model.int6.ptz)?") from None
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:

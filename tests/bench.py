@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): python tests/bench.py [train|ttt|artifact|all] — prints key:value lines.
+"""Benchmarks (not tests): python tests/bench.py train|ttt|artifact [...] — prints key:value lines.
 
 train     training throughput (tokens/s per device), step time and peak memory at the seed config
           (override any knob through the environment; on a CPU use a smaller config)
@@ -209,7 +209,11 @@ def bench_artifact() -> None:
 
 
 if __name__ == "__main__":
-    what = sys.argv[1] if len(sys.argv) > 1 else "all"
-    for name, fn in (("train", bench_train), ("ttt", bench_ttt), ("artifact", bench_artifact)):
-        if what in (name, "all"):
-            fn()
+    benches = {"train": bench_train, "ttt": bench_ttt, "artifact": bench_artifact}
+    what = sys.argv[1:]
+    if not what or any(w not in benches for w in what):
+        print("usage: ./run.sh bench train|ttt|artifact [...]   (train runs at the seed config: on a CPU, set "
+              "smaller knobs)", file=sys.stderr)
+        sys.exit(2)
+    for w in what:
+        benches[w]()

@@ -160,6 +160,10 @@ BAD = [
     (dict(XSA_LAYERS="12"), ("XSA_LAYERS",), None),
     (dict(TRAIN_BATCH_TOKENS="1000"), ("TRAIN_BATCH_TOKENS",), None),                # not a multiple of 2048
     (dict(EVAL_ONLY="1"), ("ARTIFACT",), None),
+    (dict(EVAL_ONLY="1", ARTIFACT="/no/such/final_model.int6.ptz"), ("ARTIFACT",), "an existing"),
+    (dict(ITERATIONS="5000"), ("WARMDOWN_ITERS",), "WARMDOWN_ITERS=2600"),                # a fix, not just a refusal
+    (dict(MAX_WALLCLOCK="600"), ("MAX_WALLCLOCK",), "did you mean MAX_WALLCLOCK_SECONDS"),  # shortened names
+    (dict(WARMDOWN="100"), ("WARMDOWN",), "did you mean WARMDOWN_"),
     (dict(TTT_EPOCH="3"), ("TTT_EPOCH",), "did you mean TTT_EPOCHS"),
     (dict(NUM_LAYER="3"), ("NUM_LAYER",), "did you mean NUM_LAYERS"),
     (dict(LATE_QAT="1"), ("LATE_QAT",), None),
@@ -191,7 +195,8 @@ def test_unrelated_environment_is_ignored():
                             "ROLE_WORLD_SIZE ROLE_NAME MASTER_ADDR MASTER_PORT TORCHELASTIC_RESTART_COUNT "
                             "TORCHELASTIC_MAX_RESTARTS TORCHELASTIC_RUN_ID TORCHELASTIC_USE_AGENT_STORE "
                             "TORCH_NCCL_ASYNC_ERROR_HANDLING TORCHELASTIC_ERROR_FILE OMP_NUM_THREADS "
-                            "CUDA_VISIBLE_DEVICES PYTHONPATH NCCL_DEBUG TOKENIZERS_PARALLELISM PATH HOME").split()}
+                            "CUDA_VISIBLE_DEVICES PYTHONPATH NCCL_DEBUG TOKENIZERS_PARALLELISM PATH HOME MAX_JOBS VENV NPROC "
+                            "HF_HOME HF_ENDPOINT HF_HUB_OFFLINE TORCH_SPEC SMOKE_DATA").split()}
     assert tg.Hyperparameters.from_env(env) == tg.Hyperparameters()
 
 

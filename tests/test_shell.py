@@ -169,6 +169,8 @@ def test_smoke_then_eval_reproduces_its_final_line(tmp_path):
     assert final_line(r.stdout) == first
     r = run_sh(project, "eval")
     assert r.returncode == 2 and "usage: ./run.sh eval" in r.stderr
+    r = run_sh(project, "evaluate")
+    assert r.returncode == 2 and "unknown mode 'evaluate'" in r.stderr and "set -euo" not in r.stderr
 
 
 def test_train_launches_torchrun_for_several_processes(tmp_path, fixtures_present):
