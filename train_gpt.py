@@ -736,7 +736,7 @@ class Trainer:
               "opts": [copy.deepcopy(o.state_dict()) for o in self.opts], "ema": self.ema and {k: v.clone() for k, v in self.ema.items()},
               "data": self.stream.state(), "step": self.step, "train_ms": self.train_ms,
               "rng": torch.get_rng_state(), "signature": json.dumps(self.hp.model_signature(), sort_keys=True)}
-        if torch.cuda.is_available():
+        if self.rt.device.type == "cuda":  # not on a GPU box run with DEVICE=cpu: that would open a CUDA context
             st["cuda_rng"] = torch.cuda.get_rng_state()
         return st
 
@@ -749,7 +749,7 @@ class Trainer:
         self.stream.load_state(st["data"])
         self.step, self.train_ms = int(st["step"]), float(st["train_ms"])
         torch.set_rng_state(st["rng"])
-        if "cuda_rng" in st and torch.cuda.is_available():
+        if "cuda_rng" in st and self.rt.device.type == "cuda":
             torch.cuda.set_rng_state(st["cuda_rng"])
 
     # -- one optimizer step --------------------------------------------------------------------
