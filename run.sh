@@ -14,17 +14,28 @@ PY="$VENV/bin/python"
 
 setup() {  # a virtualenv that reuses an already installed torch (e.g. the CUDA build on a GPU node)
   if [ ! -x "$PY" ]; then
-    python3 -m venv --system-site-packages "$VENV"
+    python3 -m venv --system-site-packages "$VENV" 2>/dev/null || {  # no ensurepip (python3-venv not installed):
+      rm -rf "$VENV"                                                 # the system's pip still installs into it
+      python3 -m venv --system-site-packages --without-pip "$VENV"
+    }
   fi
   if ! "$PY" -c "import torch" 2>/dev/null; then
-    "$PY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+    pip_install "${TORCH_SPEC:-torch==2.13.0}"
   fi
-  "$PY" -c "import numpy, sentencepiece, zstandard" 2>/dev/null || "$PY" -m pip install -q -r requirements.txt
+  "$PY" -c "import numpy, sentencepiece, zstandard" 2>/dev/null || pip_install -r requirements.txt
   if [ "${1:-}" = test ]; then
-    "$PY" -c "import pytest" 2>/dev/null || "$PY" -m pip install -q pytest
-    "$PY" -c "import huggingface_hub" 2>/dev/null || "$PY" -m pip install -q huggingface_hub ||
+    "$PY" -c "import pytest" 2>/dev/null || pip_install pytest
+    "$PY" -c "import huggingface_hub" 2>/dev/null || pip_install huggingface_hub ||
       echo "run.sh: huggingface_hub could not be installed; the tests of './run.sh data' will be skipped" >&2
   fi
+}
+
+pip_install() {
+  if ! "$PY" -m pip --version >/dev/null 2>&1; then
+    echo "run.sh: $PY has no pip to install $*: install python3-pip (or python3-venv), then rm -rf $VENV and rerun" >&2
+    exit 2
+  fi
+  "$PY" -m pip install -q "$@"
 }
 
 gpus() { "$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))"; }
@@ -106,7 +117,7 @@ PYEOF
     ;;
   data)
     setup
-    "$PY" -c "import huggingface_hub" 2>/dev/null || "$PY" -m pip install -q huggingface_hub
+    "$PY" -c "import huggingface_hub" 2>/dev/null || pip_install huggingface_hub
     "$PY" - "${1:-80}" <<'PYEOF'
 # Resumable download of the challenge's sp1024 data into data/hf (HF_ENDPOINT is honoured), linked into
 # the layout train_gpt.py reads (data/datasets/fineweb10B_sp1024, data/tokenizers); then every file is
