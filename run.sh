@@ -125,7 +125,6 @@ PYEOF
 # file is fetched again once; if it is still bad the run stops with one line naming it.
 import os, sys, time
 sys.path.insert(0, ".")
-import sentencepiece as spm
 from huggingface_hub import hf_hub_download
 import train_gpt as tg
 n, repo, root = int(sys.argv[1]), "willdepueoai/parameter-golf", "data"
@@ -148,9 +147,9 @@ def fetch(i, remote, force=False):
     return path
 def check(path):
     try:
-        if path.endswith(".model"):
-            vocab = spm.SentencePieceProcessor(model_file=path).vocab_size()
-            return None if vocab == 1024 else f"tokenizer {path} has {vocab} pieces, want 1024"
+        if path.endswith(".model"):  # the run's own check: a SentencePiece model with VOCAB_SIZE=1024 pieces
+            tg.load_tokenizer(tg.Hyperparameters(tokenizer_path=path))
+            return None
         return None if len(tg.open_shard(path)) > 0 else f"shard {path} holds no tokens"
     except (tg.UserError, OSError, RuntimeError) as e:
         return str(e).splitlines()[0]

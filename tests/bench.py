@@ -40,6 +40,13 @@ def machine() -> str:
     return f"cpu:{os.cpu_count()}cores threads:{torch.get_num_threads()} torch:{torch.__version__}"
 
 
+def compile_like_a_run(hp, rt, model) -> bool:
+    """rt.compiled as train_gpt.run sets it (COMPILE=auto: compiled on CUDA only); whether it compiled."""
+    use = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
+    rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if use else model
+    return use
+
+
 def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
     hp = tg.Hyperparameters.from_env()
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,8 +56,7 @@ def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
         rt = tg.setup_runtime(hp)
         torch.manual_seed(hp.seed)
         model = tg.GPT(hp).to(rt.device)
-        use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
-        rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
+        use_compile = compile_like_a_run(hp, rt, model)
         trainer = tg.Trainer(hp, rt, model, tg.TokenStream(tg.shard_files(hp.data_path, "train")))
         t0 = time.perf_counter()
         for _ in range(max(hp.prime_steps, 2)):
@@ -151,8 +157,7 @@ def bench_ttt() -> None:
             if p.ndim == 2:
                 p.normal_(0, 0.5 / math.sqrt(p.size(1)))
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
-    rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
+    use_compile = compile_like_a_run(hp, rt, model)
     use_ref = os.environ.get("BENCH_REF", "1") == "1"
     t0 = time.perf_counter()  # warm-up on two chunks, both ways: first-call costs (and compilation) not timed
     head = val[:2 * hp.ttt_chunk_tokens + 1]
