@@ -292,8 +292,7 @@ class TokenStream:
 
 def load_validation(hp: Hyperparameters) -> Tensor:
     tokens = np.concatenate([open_shard(f) for f in shard_files(hp.data_path, "val")])
-    if hp.val_max_tokens:
-        tokens = tokens[:hp.val_max_tokens]
+    tokens = tokens[:hp.val_max_tokens or None]
     if len(tokens) < 2:
         raise UserError(f"validation split in {hp.data_path} has {len(tokens)} tokens; need at least 2")
     if tokens.max() >= hp.vocab_size:
@@ -1486,15 +1485,16 @@ def main() -> int:
         if rt.main if rt else os.environ.get("RANK", "0") == "0":  # one line, not one per rank
             print(f"error: {e}", file=sys.stderr, flush=True)
             if rt is not None and rt.log_file is not None:
-                rt.log_file.write(f"error: {e}\n")
+                print(f"error: {e}", file=rt.log_file, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush(), sys.stderr.flush()  # train.log is flushed line by line; every other output is closed
+    if dist.is_initialized():  # skip the process-group teardown: gloo's can abort a rank whose run has finished
+        os._exit(code)         # (a C++ thread left joinable), and exit releases everything it would
+    sys.exit(code)
