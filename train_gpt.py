@@ -4,7 +4,7 @@ Builds the model (XSA, SmearGate, BigramHash, partial RoPE, ReLU^2 MLP, U-Net sk
 embeddings), trains it with Muon/AdamW + EMA, writes the int6 + zstd-22 artifact and scores it
 (standard, sliding or legal score-first TTT) in the challenge's val_bpb. One file, read top to
 bottom, configured only through environment variables (`python train_gpt.py --help`).
-Hard stop: this file stays under 1,500 lines.
+Hard stop: this file stays within 1,650 lines of at most 120 characters.
 """
 from __future__ import annotations
 
@@ -210,7 +210,8 @@ class Hyperparameters:
             raise UserError(f"VE_LAYERS={self.ve_layers!r} must be comma-separated integers") from None
         need(all(0 <= i < self.num_layers for i in layers) and len(set(layers)) == len(layers), "VE_LAYERS",
              f"indices must be distinct and within 0..{self.num_layers - 1}")
-        need(not self.eval_only or os.path.isfile(self.artifact), "ARTIFACT", "EVAL_ONLY=1 needs ARTIFACT=an existing final_model.int6.ptz")
+        need(not self.eval_only or os.path.isfile(self.artifact), "ARTIFACT",
+             "EVAL_ONLY=1 needs ARTIFACT=an existing final_model.int6.ptz")
 
     def model_signature(self) -> dict:
         """The knobs that decide parameter shapes and the forward; checkpoints must agree on these."""
@@ -221,7 +222,8 @@ class Hyperparameters:
 
 
 def help_text() -> str:
-    rows = [f"{f.name.upper():28s} {str(f.default)!s:38s} {f.metadata['help']}" for f in dataclasses.fields(Hyperparameters)]
+    rows = [f"{f.name.upper():28s} {str(f.default)!s:38s} {f.metadata['help']}"
+            for f in dataclasses.fields(Hyperparameters)]
     return ("usage: [KNOB=value ...] python train_gpt.py   (or torchrun --nproc_per_node=N train_gpt.py)\n"
             "Every setting is an environment variable; defaults reproduce the seed's 25k-step run.\n\n"
             f"{'KNOB':28s} {'DEFAULT':38s} MEANING\n" + "\n".join(rows))
@@ -303,7 +305,8 @@ def load_validation(hp: Hyperparameters) -> Tensor:
 def load_tokenizer(hp: Hyperparameters):
     import sentencepiece as spm
     if not os.path.isfile(hp.tokenizer_path):
-        raise UserError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist (download: ./run.sh data N; 0 = no train shards)")
+        raise UserError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist "
+                        "(download: ./run.sh data N; 0 = no train shards)")
     try:
         sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
     except Exception as e:
@@ -401,7 +404,8 @@ class Attention(nn.Module):
         super().__init__()
         d, kv = hp.model_dim, hp.num_kv_heads * hp.head_dim
         self.h, self.hkv, self.hd, self.xsa = hp.num_heads, hp.num_kv_heads, hp.head_dim, xsa
-        self.c_q, self.c_k, self.c_v = nn.Linear(d, d, bias=False), nn.Linear(d, kv, bias=False), nn.Linear(d, kv, bias=False)
+        self.c_q = nn.Linear(d, d, bias=False)
+        self.c_k, self.c_v = nn.Linear(d, kv, bias=False), nn.Linear(d, kv, bias=False)
         self.proj = nn.Linear(d, d, bias=False)
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
 
@@ -732,7 +736,8 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
         st = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-              "opts": [copy.deepcopy(o.state_dict()) for o in self.opts], "ema": self.ema and {k: v.clone() for k, v in self.ema.items()},
+              "opts": [copy.deepcopy(o.state_dict()) for o in self.opts],
+              "ema": self.ema and {k: v.clone() for k, v in self.ema.items()},
               "data": self.stream.state(), "step": self.step, "train_ms": self.train_ms,
               "rng": torch.get_rng_state(), "signature": json.dumps(self.hp.model_signature(), sort_keys=True)}
         if self.rt.device.type == "cuda":  # not on a GPU box run with DEVICE=cpu: that would open a CUDA context
@@ -858,7 +863,8 @@ class Trainer:
                 box = torch.tensor([elapsed], dtype=torch.float64, device=rt.device)
                 dist.broadcast(box, 0)
                 elapsed = float(box.item())
-            done = self.step >= hp.iterations or (hp.max_wallclock_seconds > 0 and elapsed >= hp.max_wallclock_seconds * 1000)
+            capped = hp.max_wallclock_seconds > 0 and elapsed >= hp.max_wallclock_seconds * 1000
+            done = self.step >= hp.iterations or capped
             if (hp.val_loss_every and self.step % hp.val_loss_every == 0) or (done and self.step > 0):
                 if rt.device.type == "cuda":
                     torch.cuda.synchronize()
@@ -875,8 +881,8 @@ class Trainer:
                 lv, now = loss.item(), now_ms()
                 rate = (self.step - last[0]) * hp.train_batch_tokens / max(now - last[1], 1e-9) * 1000
                 avg = now / self.step
-                rt.log(f"step:{self.step}/{hp.iterations} train_loss:{lv:.4f} train_time:{now:.0f}ms step_avg:{avg:.2f}ms "
-                       f"tok_s:{rate:.0f} eta:{(hp.iterations - self.step) * avg / 1000:.0f}s")
+                rt.log(f"step:{self.step}/{hp.iterations} train_loss:{lv:.4f} train_time:{now:.0f}ms "
+                       f"step_avg:{avg:.2f}ms tok_s:{rate:.0f} eta:{(hp.iterations - self.step) * avg / 1000:.0f}s")
                 last = (self.step, now)
             if hp.checkpoint_every and self.step % hp.checkpoint_every == 0:
                 self.train_ms = now_ms()
@@ -904,7 +910,8 @@ def atomic_save(obj, path: Path) -> None:
 QUANT_FORMAT = "int6_clean_per_row_v1"
 KEEP_FLOAT_MAX_NUMEL = 65_536
 FP32_KEEP_PATTERNS = ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
-                      "skip_weight", "skip_weights", "smear_gate", "bigram", "skip_gates", "ve_shared", "ve_layer_scales")
+                      "skip_weight", "skip_weights", "smear_gate", "bigram", "skip_gates", "ve_shared",
+                      "ve_layer_scales")
 CLIP_QUANTILES = (0.990, 0.993, 0.995, 0.997, 0.998, 0.999, 0.9993, 0.9995, 0.9997, 0.9999,
                   0.99993, 0.99995, 0.99997, 0.99999, 1.0)
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -940,7 +947,8 @@ def quantize_matrix(w: Tensor) -> tuple[Tensor, Tensor, int]:
 
 def is_int6(name: str, t: Tensor, quant_embed: bool) -> bool:
     """Large 2-D float tensors are stored as int6 rows; everything else stays as it is or in float."""
-    return t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL and (quant_embed or name != "tok_emb.weight")
+    big = t.is_floating_point() and t.ndim == 2 and t.numel() > KEEP_FLOAT_MAX_NUMEL
+    return big and (quant_embed or name != "tok_emb.weight")
 
 
 def quantize_state_dict(sd: dict[str, Tensor], quant_embed: bool = True) -> tuple[dict, dict]:
@@ -1118,8 +1126,9 @@ def quantize_to_budget(sd: dict[str, Tensor], budget: int, sens: dict[str, Tenso
     predicted = float(cost(D, pick, frac).sum())
     log(f"quant_rate bytes:{len(blob)} budget:{budget} compressor_calls:{call + 1} predicted_dloss:{predicted:.6f} "
         f"time:{time.perf_counter() - t0:.1f}s")
-    return build(pick, frac), {"rows": sum(W[k].size(0) for i, k in enumerate(big) if pick[i]), "floor_rows": 0,
-                               "bytes": len(blob), "blob": blob, "predicted_dloss": predicted, "compressor_calls": call + 1}
+    rows = sum(W[k].size(0) for i, k in enumerate(big) if pick[i])
+    return build(pick, frac), {"rows": rows, "floor_rows": 0, "bytes": len(blob), "blob": blob,
+                               "predicted_dloss": predicted, "compressor_calls": call + 1}
 
 
 def read_artifact(path: str, max_bytes: int = 1 << 30) -> dict:
@@ -1138,7 +1147,8 @@ def read_artifact(path: str, max_bytes: int = 1 << 30) -> dict:
             raise bad(f"declares {params.content_size} decompressed bytes (limit {max_bytes})")
         raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=max_bytes)
     except zstandard.ZstdError as e:
-        raise bad(f"not a valid zstd stream ({e}); truncated, or not an artifact (that is final_model.int6.ptz)?") from None
+        raise bad(f"not a valid zstd stream ({e}); truncated, or not an artifact "
+                  "(that is final_model.int6.ptz)?") from None
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1165,8 +1175,8 @@ def load_weights(model: GPT, sd: dict[str, Tensor], source: str) -> None:
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in sd.items()}
     if want != have:
-        diff = [f"{k}: file {have.get(k, 'missing')} vs model {want.get(k, 'absent')}" for k in sorted(set(want) | set(have))
-                if want.get(k) != have.get(k)]
+        diff = [f"{k}: file {have.get(k, 'missing')} vs model {want.get(k, 'absent')}"
+                for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
         raise UserError(f"{source} does not match the configured architecture ({len(diff)} tensors differ: "
                         + "; ".join(diff[:8]) + ("; ..." if len(diff) > 8 else "") + ")")
     with torch.no_grad():  # tensors take the file's dtype (the seed's tok_emb is bf16: its TTT updates it in bf16)
@@ -1261,9 +1271,10 @@ def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tabl
     trainable = [p for p in model.parameters() if id(p) not in frozen]
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
+    n_trainable = sum(p.numel() for p in trainable)
     rt.log(f"ttt:start chunks:{n_chunks} windows:{len(starts)} chunk_tokens:{C} stride:{hp.eval_stride} "
            f"lr:{hp.ttt_lr} epochs:{hp.ttt_epochs} freeze_blocks:{hp.ttt_freeze_blocks} "
-           f"params_trainable:{sum(p.numel() for p in trainable)} params_frozen:{sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in trainable)}")
+           f"params_trainable:{n_trainable} params_frozen:{sum(p.numel() for p in model.parameters()) - n_trainable}")
     opt = torch.optim.SGD(trainable, lr=0.0, momentum=hp.ttt_momentum)
     meter = BpbMeter(tables, rt.device)
     padded = F.pad(val, (0, T + 1)).to(rt.device)
@@ -1282,7 +1293,8 @@ def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tabl
                     nb = min(hp.ttt_batch_seqs, n_seq - b)
                     s_lo, s_hi = rank_share(b, b + nb, rt)
                     if s_hi > s_lo:
-                        idx = c0 + torch.arange(s_lo, s_hi, device=rt.device)[:, None] * T + torch.arange(T + 1, device=rt.device)
+                        idx = c0 + torch.arange(s_lo, s_hi, device=rt.device)[:, None] * T + \
+                            torch.arange(T + 1, device=rt.device)
                         tok = padded[idx]
                         with rt.autocast():
                             loss = rt.compiled(tok[:, :-1], tok[:, 1:]).sum() * (rt.world / (nb * T))
@@ -1322,7 +1334,8 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo", **({"device_id": device} if kind == "cuda" else {}))
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo",
+                                **({"device_id": device} if kind == "cuda" else {}))
     return Runtime(rank=rank, world=world, device=device)
 
 
@@ -1346,7 +1359,8 @@ def open_run_dir(hp: Hyperparameters, rt: Runtime) -> Hyperparameters:
 def log_header(hp: Hyperparameters, rt: Runtime) -> None:
     for f in dataclasses.fields(hp):
         rt.log(f"config:{f.name.upper()}={getattr(hp, f.name)}")
-    dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or platform.machine()
+    cpu = platform.processor() or platform.machine()
+    dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu
     rt.log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
            f"cuda:{torch.version.cuda} flash_attn3:{'eager_on_hopper' if _fa3 else 'absent'}")
     rt.log(f"device:{rt.device.type} name:{dev} world_size:{rt.world} cpu_threads:{torch.get_num_threads()}")
@@ -1388,7 +1402,8 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     log_header(hp, rt)
     rt.log(f"model_params:{n_params}")
     if hp.dry_run:
-        rt.log(f"data: train_shards:{len(train_files)} train_tokens:{sum(len(s) for s in stream.shards) if stream else 0} "
+        n_train = sum(len(s) for s in stream.shards) if stream else 0
+        rt.log(f"data: train_shards:{len(train_files)} train_tokens:{n_train} "
                f"val_tokens:{len(val)} tokenizer:{hp.tokenizer_path}")
         return 0
     use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
@@ -1396,7 +1411,8 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
     code_bytes = len(Path(__file__).read_bytes())
-    result = {"bytes_code": code_bytes, "parameters": n_params, "seed": hp.seed, "training_steps": 0, "wallclock_seconds": 0}
+    result = {"bytes_code": code_bytes, "parameters": n_params, "seed": hp.seed, "training_steps": 0,
+              "wallclock_seconds": 0}
     standard = None
     if hp.eval_only:
         obj = read_artifact(hp.artifact)
@@ -1405,7 +1421,8 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         rt.log(f"eval_only artifact:{hp.artifact} bytes:{result['bytes_model']}")
     else:
         trainer = Trainer(hp, rt, model, stream)
-        rt.log(f"batch: global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro} grad_accum:{trainer.accum}")
+        rt.log(f"batch: global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro} "
+               f"grad_accum:{trainer.accum}")
         if hp.resume:
             trainer.resume()
         if trainer.step == 0:
@@ -1434,8 +1451,8 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
                 obj, stats = quantize_state_dict(model.state_dict(), hp.quant_embed)
                 blob = serialize_artifact(obj)
             atomic_save(blob, path)
-            rt.log(f"quant: rows:{stats['rows']} floor_rows:{stats['floor_rows']} "
-                   f"floor_fraction:{stats['floor_rows'] / max(stats['rows'], 1):.4f} time:{time.perf_counter() - t0:.1f}s")
+            rt.log(f"quant: rows:{stats['rows']} floor_rows:{stats['floor_rows']} floor_fraction:"
+                   f"{stats['floor_rows'] / max(stats['rows'], 1):.4f} time:{time.perf_counter() - t0:.1f}s")
         if rt.world > 1:
             dist.barrier()
         load_weights(model, dequantize_state_dict(read_artifact(str(path))), f"artifact {path}")
@@ -1452,7 +1469,8 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     if rt.world > 1:
         dist.barrier()  # ranks tear down together: gloo can abort a process whose peer has already gone
     if result["bytes_total"] > hp.artifact_limit_bytes:
-        raise UserError(f"artifact too large: {result['bytes_total']} bytes is {result['bytes_total'] - hp.artifact_limit_bytes} "
+        over = result['bytes_total'] - hp.artifact_limit_bytes
+        raise UserError(f"artifact too large: {result['bytes_total']} bytes is {over} "
                         f"over the {hp.artifact_limit_bytes}-byte cap (outputs kept in {rt.run_dir})")
     return 0
 
