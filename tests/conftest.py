@@ -1,6 +1,8 @@
-"""Shared helpers: the real tokenizer/sample data in ../shared/fixtures, tiny configs, subprocess runs."""
+"""Shared helpers: the project's own generated corpus (tests/corpus.py, built once into tests/.cache),
+tiny configs, subprocess runs."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -13,9 +15,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt as tg  # noqa: E402
 
-FIXTURES = Path(os.environ.get("PG_FIXTURES", ROOT.parent / "shared" / "fixtures"))
-SAMPLE = FIXTURES / "sample_sp1024"
-TOKENIZER = FIXTURES / "fineweb_1024_bpe.model"
+
+
+def _corpus_dir() -> Path:
+    """tests/.cache/corpus-KEY, KEY from the generator's source and the Python/sentencepiece versions (which
+    decide its bytes); built in a subprocess so the stdlib imports it does stay out of the test process."""
+    import sentencepiece
+    src = (ROOT / "tests" / "corpus.py").read_bytes()
+    key = hashlib.sha256(src + f"{sys.version}|{sentencepiece.__version__}".encode()).hexdigest()[:12]
+    out = ROOT / "tests" / ".cache" / f"corpus-{key}"
+    if not (out / "manifest.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "tests" / "corpus.py"), str(out)], check=True)
+    return out
+
+
+SAMPLE = _corpus_dir()  # shards, docs_val.jsonl and tokenizer.model of the generated corpus
+TOKENIZER = SAMPLE / "tokenizer.model"
 
 # A tiny model of the same architecture: 4 blocks (2 encoder, 2 decoder), GQA 4/2, XSA on the last 2,
 # value embeddings in blocks 2 and 3, 128-token windows.
@@ -76,7 +91,6 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def fixtures_present():
-    if not TOKENIZER.exists():
-        pytest.skip(f"fixtures not found at {FIXTURES}")
-    return FIXTURES
+def corpus() -> Path:
+    """The generated corpus folder (built when conftest is imported)."""
+    return SAMPLE

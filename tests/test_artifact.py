@@ -375,7 +375,7 @@ def _check_outputs(run_dir: Path, art: Path, out: str, code_sizes: set[int], ste
 
 
 @pytest.fixture(scope="module")
-def train_run(tmp_path_factory, fixtures_present):
+def train_run(tmp_path_factory, corpus):
     runs = tmp_path_factory.mktemp("runs")
     env = {**CLI, "RUNS_DIR": str(runs), "RUN_ID": "train", "ARTIFACT_LIMIT_BYTES": str(TINY_LIMIT)}
     sizes = {_code_size()}
@@ -424,7 +424,7 @@ def test_eval_only_architecture_mismatch_names_the_tensors(train_run, tmp_path, 
     assert re.search(r"\(\d+, \d+\)", e.stderr), "the message should show the differing shapes"
 
 
-def test_seed_style_bf16_embedding_is_kept_in_bf16_through_ttt(tmp_path, fixtures_present):
+def test_seed_style_bf16_embedding_is_kept_in_bf16_through_ttt(tmp_path, corpus):
     """The seed stores tok_emb as bf16 (dtypes 'bfloat16'); loading adopts the file's dtype, so scoring and
     TTT see exactly the seed's tensor and TTT updates it in bf16 as the seed does."""
     model = tiny_model(seed=3, MODEL_DIM=128)

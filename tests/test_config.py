@@ -87,7 +87,7 @@ def assert_one_line_error(proc, *names: str) -> str:
 
 # -- defaults ------------------------------------------------------------------------------------
 
-def test_default_dry_run_prints_seed_param_count(fixtures_present, cli):
+def test_default_dry_run_prints_seed_param_count(corpus, cli):
     proc = cli["default_dry_run"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

@@ -66,7 +66,7 @@ def credited_bytes(ids, tables) -> int:
 
 # -- shard reader --------------------------------------------------------------------------------
 
-def test_open_shard_real_fixture(fixtures_present):
+def test_open_shard_real_fixture(corpus):
     header = np.fromfile(VAL_SHARD, dtype="<i4", count=256)
     assert header[0] == MAGIC and header[1] == VERSION
     toks = tg.open_shard(str(VAL_SHARD))
@@ -138,7 +138,7 @@ def test_token_stream_concatenates_wraps_and_resumes(tmp_path):
         pos += n
 
 
-def test_token_stream_real_shards_in_sorted_order(fixtures_present):
+def test_token_stream_real_shards_in_sorted_order(corpus):
     s = tg.TokenStream([str(p) for p in TRAIN_SHARDS])
     n0 = len(tg.open_shard(str(TRAIN_SHARDS[0])))
     s.load_state({"shard": 0, "offset": n0 - 3})
@@ -204,7 +204,7 @@ def test_good_synthetic_data_passes_dry_run(cli_errors):
     assert "val_tokens:200 " in proc.stdout and "train_shards:2 " in proc.stdout
 
 
-def test_bad_inputs_in_process(tmp_path, fixtures_present):
+def test_bad_inputs_in_process(tmp_path, corpus):
     """The same loaders called directly: a non-SentencePiece tokenizer file, a val id outside the vocabulary,
     a broken train shard, a train split with no tokens."""
     garbage = tmp_path / "garbage.model"

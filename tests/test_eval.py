@@ -33,13 +33,13 @@ def runtime(model) -> "tg.Runtime":
 
 
 @pytest.fixture(scope="module")
-def tables(fixtures_present):
+def tables(corpus):
     hp = tiny_hp()
     return tg.byte_tables(tg.load_tokenizer(hp), hp.vocab_size)
 
 
 @pytest.fixture(scope="module")
-def val_tokens(fixtures_present):
+def val_tokens(corpus):
     return tg.load_validation(tiny_hp(val_max_tokens=2000))
 
 
@@ -279,7 +279,7 @@ def test_ttt_lr_multiplier_matches_spec():
 
 # ------------------------------------------------------------------------------------------------ 2 processes
 
-def test_ttt_two_processes_match_one(tmp_path, fixtures_present):
+def test_ttt_two_processes_match_one(tmp_path, corpus):
     model = live_model(6)
     obj, _ = tg.quantize_state_dict(model.state_dict())
     art = tmp_path / "model.int6.ptz"

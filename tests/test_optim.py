@@ -260,7 +260,7 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_ema_arithmetic(fixtures_present):
+def test_ema_arithmetic(corpus):
     d = 0.9
     tr = make_trainer(ema_decay=d)
     w = [snapshot(tr.model)]
@@ -293,7 +293,7 @@ def _assert_same(a, b, path="state"):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-def test_prime_restores_exact_state(fixtures_present):
+def test_prime_restores_exact_state(corpus):
     """SPEC 5 / 9: priming must restore every state it touched: weights, optimizer state, EMA, data
     position, step counter and RNG, bit for bit."""
     tr = make_trainer(seed=1, prime_steps=3)
@@ -309,7 +309,7 @@ def test_prime_restores_exact_state(fixtures_present):
     _assert_same(before["ema"], after["ema"], "ema")  # the EMA must not remember the priming steps
 
 
-def test_step_after_prime_equals_fresh_step(fixtures_present):
+def test_step_after_prime_equals_fresh_step(corpus):
     """One train_step after priming == one train_step of a fresh identical trainer, bit for bit."""
     tr = make_trainer(seed=1, prime_steps=3)
     tr.prime()
@@ -323,7 +323,7 @@ def test_step_after_prime_equals_fresh_step(fixtures_present):
     _assert_same(a["ema"], b["ema"], "ema after 1 step")
 
 
-def test_no_gradient_survives_a_step(fixtures_present):
+def test_no_gradient_survives_a_step(corpus):
     """A step's gradients must not leak into the next step. bigram_emb.scale is in no optimizer, so
     zero_grad of the optimizers never clears it: its .grad would accumulate over all steps and inflate the
     global norm used by GRAD_CLIP_NORM (and make a step depend on history that state() does not hold)."""
@@ -335,7 +335,7 @@ def test_no_gradient_survives_a_step(fixtures_present):
     assert not left, f"gradients left over after train_step: {left}"
 
 
-def test_prime_really_trains_then_undoes(fixtures_present):
+def test_prime_really_trains_then_undoes(corpus):
     """Guard for the test above: the priming steps do change the weights while they run."""
     tr = make_trainer(seed=1, prime_steps=3)
     w0 = snapshot(tr.model)
@@ -352,7 +352,7 @@ def test_prime_really_trains_then_undoes(fixtures_present):
     assert torch.equal(snapshot(tr.model)["blocks.0.attn.c_q.weight"], w0["blocks.0.attn.c_q.weight"])
 
 
-def test_non_finite_loss_raises_with_step(fixtures_present):
+def test_non_finite_loss_raises_with_step(corpus):
     tr = make_trainer(seed=2)
     tr.train_step(1.0)
     tr.check_finite()  # a healthy step does not raise

@@ -30,7 +30,7 @@ def batches(stream: "tg.TokenStream", n: int) -> list[tuple[torch.Tensor, torch.
 
 
 @pytest.fixture(scope="module")
-def trained(fixtures_present):
+def trained(corpus):
     """A briefly trained tiny model, its training-data sensitivity and held-out training batches."""
     torch.manual_seed(0)
     model = tiny_model(seed=0, **CFG)

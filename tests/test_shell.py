@@ -81,7 +81,7 @@ class FakeHub:
 
 
 @pytest.fixture
-def hub(tmp_path, fixtures_present):
+def hub(tmp_path, corpus):
     pytest.importorskip("huggingface_hub")
     root = tmp_path / "hub"
     (root / "datasets/tokenizers").mkdir(parents=True)
@@ -173,7 +173,7 @@ def test_smoke_then_eval_reproduces_its_final_line(tmp_path):
     assert r.returncode == 2 and "unknown mode 'evaluate'" in r.stderr and "set -euo" not in r.stderr
 
 
-def test_train_launches_torchrun_for_several_processes(tmp_path, fixtures_present):
+def test_train_launches_torchrun_for_several_processes(tmp_path, corpus):
     project = project_copy(tmp_path)
     r = run_sh(project, "train", **{**TINY, "NPROC": "2", "RUN_ID": "ddp", "TTT_ENABLED": "0"})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -20,7 +20,7 @@ import torch
 
 from conftest import ROOT, TINY, clean_env, final_line, run_script
 
-pytestmark = pytest.mark.usefixtures("fixtures_present")
+pytestmark = pytest.mark.usefixtures("corpus")
 
 # Run A and everything compared with it: 16 steps, a checkpoint every 4 (the folder keeps 12 and 16),
 # validation at 0/8/16, an EMA that matters (decay 0.9), plain standard final eval (no TTT: not the point here).
