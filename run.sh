@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # run.sh — one entry point for every job. Usage: ./run.sh [smoke|test|data [N]|train|eval ARTIFACT|bench WHAT]
 #   smoke (default)  end to end on the CPU in minutes, no download: tokenizer + shards from Python's own
-#                    docstrings (or the downloaded FineWeb sample if present), train, artifact, TTT, final line
+#                    docstrings (tests/corpus.py; the downloaded FineWeb if present), train, artifact, TTT, final line
 #   test             the test suite (what CI runs)
 #   data [N]         download the sp1024 tokenizer, the validation split and N train shards (default 80)
 #   train            the seed's 25k-step run on all visible GPUs (override any knob through the environment)
@@ -61,47 +61,7 @@ case "$cmd" in
       export DATA_PATH=data/datasets/fineweb10B_sp1024 TOKENIZER_PATH=data/tokenizers/fineweb_1024_bpe.model
       export VAL_MAX_TOKENS=${VAL_MAX_TOKENS:-65536}
     else
-      "$PY" - "$DATA" <<'PYEOF'
-# Build a small corpus from the docstrings of the Python standard library, train a 1,024-piece
-# SentencePiece BPE tokenizer with the challenge's settings and write shards in the challenge format.
-import inspect, io, os, pkgutil, sys, warnings
-import numpy as np, sentencepiece as spm
-out = sys.argv[1]
-if os.path.exists(os.path.join(out, "fineweb_val_000000.bin")):
-    sys.exit(0)
-os.makedirs(out, exist_ok=True)
-warnings.filterwarnings("ignore")
-docs, seen = [], set()
-for m in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
-    if m.name.startswith(("_", "test", "idlelib", "tkinter", "turtle", "antigravity", "this")) or "." in m.name:
-        continue
-    try:
-        mod = __import__(m.name)
-    except BaseException:
-        continue
-    for obj in [mod] + [v for _, v in sorted(vars(mod).items()) if inspect.isclass(v) or inspect.isfunction(v)]:
-        d = inspect.getdoc(obj)
-        if d and len(d) > 200 and d not in seen:
-            seen.add(d)
-            docs.append(d)
-    if sum(map(len, docs)) > 6_000_000:
-        break
-text = "\n".join(docs)
-spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_prefix=os.path.join(out, "tokenizer"),
-    vocab_size=1024, model_type="bpe", normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True,
-    add_dummy_prefix=False, byte_fallback=False, bos_id=1, eos_id=2, unk_id=3, pad_id=0,
-    character_coverage=0.9995, minloglevel=2)
-sp = spm.SentencePieceProcessor(model_file=os.path.join(out, "tokenizer.model"))
-def write(path, docs):
-    toks = np.concatenate([np.array([1] + sp.encode(d), dtype=np.uint16) for d in docs])
-    header = np.zeros(256, dtype="<i4"); header[:3] = (20240520, 1, len(toks))
-    with open(path, "wb") as f:
-        f.write(header.tobytes()); f.write(toks.astype("<u2").tobytes())
-    return len(toks)
-n_val = max(len(docs) // 20, 1)
-print(f"smoke data: {len(docs)} docstrings, val tokens {write(os.path.join(out, 'fineweb_val_000000.bin'), docs[:n_val])}, "
-      f"train tokens {write(os.path.join(out, 'fineweb_train_000000.bin'), docs[n_val:])}")
-PYEOF
+      "$PY" tests/corpus.py "$DATA"  # the test suite's generator; kept in $DATA, rebuilt when it changes
       export DATA_PATH="$DATA" TOKENIZER_PATH="$DATA/tokenizer.model"
     fi
     # A 4-block model of the same architecture; every stage of the real run, in about two minutes.

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
+import corpus as generator  # noqa: E402  (tests/corpus.py, next to this file)
 
 
 def synthetic_shards(folder: str, n_train: int, n_val: int, vocab: int = 1024) -> None:
@@ -137,9 +138,9 @@ def straightforward_ttt(hp, model, val: torch.Tensor, tables) -> tuple[float, fl
 
 
 def bench_ttt() -> None:
-    """Defaults: a 3.9 M-parameter model of the architecture on the fixture sample (or random tokens)."""
-    fixtures = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-    env = dict(DATA_PATH=str(fixtures / "sample_sp1024"), TOKENIZER_PATH=str(fixtures / "fineweb_1024_bpe.model"),
+    """Defaults: a 3.9 M-parameter model of the architecture on the test suite's generated corpus."""
+    data = generator.cached()  # tests/corpus.py, built once into tests/.cache
+    env = dict(DATA_PATH=str(data), TOKENIZER_PATH=str(data / "tokenizer.model"),
                NUM_LAYERS="6", MODEL_DIM="256", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_HIDDEN="768", VE_LAYERS="4,5",
                XSA_LAYERS="2", TRAIN_SEQ_LEN="512", ROPE_TRAIN_SEQ_LEN="512", EVAL_STRIDE="64", TTT_CHUNK_TOKENS="4096",
                TTT_EPOCHS="2", TTT_BATCH_SEQS="8", EVAL_BATCH_SEQS="16", VAL_MAX_TOKENS="24577")

@@ -6,7 +6,8 @@ challenge's format. Deterministic: the same bytes on every run on the same Pytho
     python tests/corpus.py OUT_DIR      # writes OUT_DIR/{tokenizer.model, fineweb_train_00000{0,1}.bin,
                                         #   fineweb_val_000000.bin, docs_val.jsonl, manifest.json}
 
-Used by `./run.sh smoke` and by the test suite (tests/conftest.py builds it once into tests/.cache/).
+Used by `./run.sh smoke` (into runs/smoke_data), the test suite and tests/bench.py (`cached()`: built once
+into tests/.cache/corpus-KEY, KEY naming this file's version).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import json
 import os
 import pkgutil
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,18 +35,26 @@ SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "te
 VAL_EVERY = 10  # every 10th docstring is a validation document
 
 # Hand-written documents. MULTILINGUAL_TRAIN is in the training text (so its letters - accented Latin, Greek,
-# Cyrillic: 2-byte UTF-8 - become pieces of the vocabulary); MULTILINGUAL_VAL is only in the validation text,
-# so its CJK, Devanagari, Arabic and emoji characters are unknown to the tokenizer (id 3, a boundary), and a
-# word after one of them starts with a '▁' piece that follows a boundary.
+# Cyrillic: 2-byte UTF-8, dashes and quotes: 3 bytes - become pieces of the vocabulary); MULTILINGUAL_VAL is only
+# in the validation text, so its CJK, Devanagari, Arabic, Hebrew, Hangul, Thai, emoji and math characters are
+# unknown to the tokenizer (id 3, a boundary), and a word after one of them starts with a '▁' piece that follows a
+# boundary: the cases of the byte rule of val_bpb that plain English text never reaches.
 MULTILINGUAL_TRAIN = """Café au lait, crème brûlée and a naïve façade: déjà vu in São Paulo, Zürich and Kraków.
 Straße, Größe, Übung; señor, año, mañana; smörgåsbord, fjörd, Ærø, Łódź, Dvořák, Šiška, Čapek, Ğazi.
 Ελληνικά: η γρήγορη καφέ αλεπού πηδάει πάνω από τον τεμπέλη σκύλο. Αλφα, βήτα, γάμμα, δέλτα, ψ, ω.
 Русский: съешь же ещё этих мягких французских булок, да выпей чаю. Привет, мир! Жёлтый ёж.
 Quotes “double” and ‘single’, dashes – and —, ellipsis…, degrees 25°, prices €5, £3, ¥100, ±1, ×2, ÷3."""
-MULTILINGUAL_VAL = """Tokyo is 東京 and Beijing is 北京; 日本語 text has no spaces at all.
-Hindi: नमस्ते दुनिया. Arabic: مرحبا بالعالم. Hebrew: שלום עולם. Korean: 안녕하세요 세계.
-Emoji 🎉 party 🚀 launch ✅ done; math ∀x ∈ ℝ: x² ≥ 0, ∑ and ∫; café, Straße, Ελληνικά and Привет again.
-A ligature ﬁ, a fraction ½ and full-width ＡＢＣ are normalised (NFKC) before tokenization."""
+MULTILINGUAL_VAL = (
+    "Tokyo is 東京 and Beijing is 北京; 日本語 text has no spaces at all. Café prices in Zürich — “not cheap”.",
+    "Hindi: नमस्ते दुनिया means hello world. Привет, мир says the same in Russian, and Γειά σου in Greek.",
+    "Arabic: مرحبا بالعالم is written right to left, as is Hebrew: שלום עולם. The digits 1, 2, 3 stay as they are.",
+    "Korean: 안녕하세요 세계 and Thai: สวัสดีชาวโลก have scripts of their own; Straße and Größe use ß and ö.",
+    "Emoji 🎉 party 🚀 launch ✅ done: characters of four UTF-8 bytes, each unknown to a docstring tokenizer.",
+    "Math ∀x ∈ S: x ≥ 0, ∑ and ∫ over Ω; the naïve façade of déjà vu, ‘quoted’ and priced at €5.",
+    "A ligature ﬁ, a fraction ½ and full-width ＡＢＣ are normalised (NFKC) before tokenization; ¿qué tal?",
+    "Mixed: Привет 世界 hello, γειά 世界 again, 🌍 world. Ελληνικά and Русский words sit next to 漢字 here.",
+)
+VAL_MIX_EVERY = 10  # MULTILINGUAL_VAL[j] is validation document j * 10: any prefix the tests score meets them
 
 
 def stdlib_modules() -> list[str]:
@@ -102,10 +112,11 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
 def build(out: Path) -> dict:
     """Write the corpus into `out` (created; files replaced). Returns the manifest."""
     import sentencepiece as spm
-    t0 = time.perf_counter()
     warnings.filterwarnings("ignore")
     docs = docstrings()
-    val_docs = [d for i, d in enumerate(docs) if i % VAL_EVERY == VAL_EVERY - 1] + [MULTILINGUAL_VAL]
+    val_docs = [d for i, d in enumerate(docs) if i % VAL_EVERY == VAL_EVERY - 1]
+    for j, d in enumerate(MULTILINGUAL_VAL):
+        val_docs.insert(j * VAL_MIX_EVERY, d)
     train_docs = [d for i, d in enumerate(docs) if i % VAL_EVERY != VAL_EVERY - 1] + [MULTILINGUAL_TRAIN] * 3
     out.mkdir(parents=True, exist_ok=True)
     lines = [line for d in train_docs for line in d.splitlines() if line.strip()]
@@ -128,33 +139,57 @@ def build(out: Path) -> dict:
     with open(out / "docs_val.jsonl", "w", encoding="utf-8") as f:
         for d in val_docs:
             f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-    manifest = {"docs_train": len(train_docs), "docs_val": len(val_docs), "tokens_train": int(len(train)),
+    manifest = {"key": version_key(), "docs_train": len(train_docs), "docs_val": len(val_docs), "tokens_train": int(len(train)),
                 "tokens_val": int(len(val)), "python": sys.version.split()[0], "sentencepiece": spm.__version__,
                 "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                            for p in sorted(out.iterdir()) if p.name != "manifest.json"}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    print(f"corpus: {len(train_docs)} train docs ({len(train):,} tokens), {len(val_docs)} val docs "
-          f"({len(val):,} tokens) in {out} ({time.perf_counter() - t0:.1f}s)", flush=True)
     return manifest
 
 
+def version_key() -> str:
+    """What decides the corpus' bytes: this file, the Python version (its docstrings) and sentencepiece's."""
+    import sentencepiece
+    src = Path(__file__).read_bytes() + f"{sys.version}|{sentencepiece.__version__}".encode()
+    return hashlib.sha256(src).hexdigest()[:12]
+
+
+def is_current(out: Path) -> bool:
+    try:
+        return json.loads((out / "manifest.json").read_text())["key"] == version_key()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def ensure(out: Path) -> Path:
-    """Build `out` unless a complete copy is there (manifest written last); concurrent builders are safe:
-    each writes a private folder and renames it into place."""
-    if (out / "manifest.json").exists():
+    """Build `out` unless a complete copy of this version is there (manifest written last). Concurrent builders
+    are safe: each writes a private folder and renames it into place. A folder that is already there (an older
+    corpus, a SMOKE_DATA folder) gets the corpus' files replaced one by one, manifest last; others are kept."""
+    if is_current(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        build(tmp)
+        t0 = time.perf_counter()
+        m = build(tmp)
         try:
             os.rename(tmp, out)
-        except OSError:  # another process got there first (or a partial folder without manifest is in the way)
-            if not (out / "manifest.json").exists():
-                shutil.rmtree(out, ignore_errors=True)
-                os.rename(tmp, out)
+        except OSError:
+            for p in sorted(tmp.iterdir(), key=lambda p: p.name == "manifest.json"):
+                os.replace(p, out / p.name)
+        print(f"corpus: {m['docs_train']} train docs ({m['tokens_train']:,} tokens), {m['docs_val']} val docs "
+              f"({m['tokens_val']:,} tokens) in {out} ({time.perf_counter() - t0:.1f}s)", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def cached() -> Path:
+    """tests/.cache/corpus-KEY, built once per version (in a subprocess, so that the stdlib imports of a build
+    stay out of the caller): the corpus of the test suite and of tests/bench.py."""
+    out = Path(__file__).resolve().parent / ".cache" / f"corpus-{version_key()}"
+    if not is_current(out):
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), str(out)], check=True)
     return out
 
 

@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # The GPU checks of one device session, in one go (~8 min on one H100; every step has its own time limit,
 # so a slow or failing step still leaves the others' results):
-#   1. the real pipeline on the seed architecture, compiled: 100 steps on the fixture corpus, artifact, TTT
+#   1. the real pipeline on the seed architecture, compiled: 100 steps, artifact, TTT
 #   2. EVAL_ONLY of that artifact: must print the same final line
 #   3. training throughput and peak memory at the seed config   (tests/bench.py train)
 #   4. TTT at the seed config on 4 chunks, ours vs straightforward, extrapolated to the full split
-# Usage: tests/gpu_check.sh [FIXTURES]  (default device/fixtures if present, else ../shared/fixtures).
-# A missing zstandard is installed from device/*.whl. To prepare a lent device (no internet there), in the repo:
-#   mkdir -p device && cp -r ../shared/fixtures device/ && python3 -m pip download --no-deps --only-binary=:all: \
+# Data: DATA_PATH/TOKENIZER_PATH if set, else FineWeb where `./run.sh data` puts it, else the test suite's generated
+# corpus (tests/corpus.py, built once into tests/.cache). A missing zstandard is installed from device/*.whl. To
+# prepare a lent device (no internet there), in the repo:
+#   mkdir -p device && python3 -m pip download --no-deps --only-binary=:all: \
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d device zstandard
 # then run `tests/gpu_check.sh` there with device/ carried (it is git-ignored). Any knob can be overridden through the
 # environment (e.g. tiny knobs to try this script on a CPU). Output: stdout and $OUT/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-FX=${1:-$([ -d device/fixtures ] && echo device/fixtures || echo ../shared/fixtures)}
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 if ! python3 -c "import zstandard" 2>/dev/null && ls device/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site device/*.whl && export PYTHONPATH=/tmp/site
 fi
-export PYTHONUNBUFFERED=1 DATA_PATH=${DATA_PATH:-$FX/sample_sp1024} TOKENIZER_PATH=${TOKENIZER_PATH:-$FX/fineweb_1024_bpe.model}
+if [ -z "${DATA_PATH:-}" ] && [ -f data/datasets/fineweb10B_sp1024/fineweb_val_000000.bin ]; then
+  DATA_PATH=data/datasets/fineweb10B_sp1024 TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/fineweb_1024_bpe.model}
+fi
+DATA_PATH=${DATA_PATH:-$(python3 -c "import sys; sys.path.insert(0, 'tests'); import corpus; print(corpus.cached())" | tail -1)}
+export PYTHONUNBUFFERED=1 DATA_PATH TOKENIZER_PATH=${TOKENIZER_PATH:-$DATA_PATH/tokenizer.model}
 step() {  # step NAME SECONDS command...: run it under a time limit, log everything, report its exit status
   local name=$1 secs=$2
   shift 2

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, SAMPLE, TOKENIZER, clean_env, tg
+from conftest import MANIFEST, ROOT, SAMPLE, TOKENIZER, clean_env, tg
 
-FIXTURE_ENV = dict(DATA_PATH=str(SAMPLE), TOKENIZER_PATH=str(TOKENIZER))
+CORPUS_ENV = dict(DATA_PATH=str(SAMPLE), TOKENIZER_PATH=str(TOKENIZER))
 
 # Every subprocess case of this file, started together (each is ~1-2 s of interpreter + torch import).
 CLI_BAD = [
@@ -20,9 +20,9 @@ CLI_BAD = [
     (dict(TTT_EPOCH="3"), ("TTT_EPOCHS",)),
 ]
 CLI_CASES = {
-    "default_dry_run": (dict(FIXTURE_ENV, DRY_RUN="1"), ()),
+    "default_dry_run": (dict(CORPUS_ENV, DRY_RUN="1"), ()),
     "help": ({}, ("--help",)),
-    **{f"bad{i}": (dict(FIXTURE_ENV, DRY_RUN="1", **env), ()) for i, (env, _) in enumerate(CLI_BAD)},
+    **{f"bad{i}": (dict(CORPUS_ENV, DRY_RUN="1", **env), ()) for i, (env, _) in enumerate(CLI_BAD)},
 }
 
 
@@ -96,8 +96,9 @@ def test_default_dry_run_prints_seed_param_count(corpus, cli):
     for line in ("config:NUM_LAYERS=11", "config:MODEL_DIM=512", "config:ITERATIONS=25000", "config:EMA_DECAY=0.997",
                  "config:TRAIN_BATCH_TOKENS=786432", "config:EVAL_STRIDE=64", "config:TTT_ENABLED=True"):
         assert re.search(rf"^{re.escape(line)}$", proc.stdout, re.M), line
-    # and it really opened the fixture data (2 train shards, the val shard's header count)
-    assert "train_shards:2 " in proc.stdout and "val_tokens:402697 " in proc.stdout
+    # and it really opened the corpus (2 train shards, the token counts of their headers)
+    counts = f"train_shards:2 train_tokens:{MANIFEST['tokens_train']} val_tokens:{MANIFEST['tokens_val']} "
+    assert counts in proc.stdout, proc.stdout[-2000:]
 
 
 def test_default_model_state_dict_matches_spec(monkeypatch):

@@ -21,8 +21,8 @@ REPO = "willdepueoai/parameter-golf"
 
 def project_copy(tmp_path: Path) -> Path:
     dest = tmp_path / "project"
-    dest.mkdir(parents=True)
-    for name in ("run.sh", "train_gpt.py", "requirements.txt"):
+    (dest / "tests").mkdir(parents=True)
+    for name in ("run.sh", "train_gpt.py", "requirements.txt", "tests/corpus.py"):
         shutil.copy2(ROOT / name, dest / name)
     return dest
 
@@ -151,15 +151,23 @@ def test_data_failures_are_one_line_and_keep_what_is_there(tmp_path, hub):
     assert "could not download" in r.stderr and "rerun ./run.sh data 2 to resume" in r.stderr
 
 
-def test_smoke_then_eval_reproduces_its_final_line(tmp_path):
+def test_smoke_then_eval_reproduces_its_final_line(tmp_path, corpus):
     """The README's first command (fewer steps), then `./run.sh eval` of the artifact it wrote: the knobs
-    come from the run's train.log, so the final line is the same."""
+    come from the run's train.log, so the final line is the same. The smoke's data is the test suite's corpus
+    (one generator, same bytes), written over an older smoke folder without touching files of others."""
     project = project_copy(tmp_path)
+    smoke_data = project / "runs/smoke_data"
+    smoke_data.mkdir(parents=True)
+    (smoke_data / "fineweb_val_000000.bin").write_bytes(b"from an older run.sh")
+    (smoke_data / "notes.txt").write_text("mine")
     knobs = dict(ITERATIONS="8", WARMDOWN_ITERS="4", VAL_LOSS_EVERY="0", TTT_EPOCHS="1", VAL_MAX_TOKENS="4096",
                  RUN_ID="first")
     r = run_sh(project, "smoke", timeout=600, **knobs)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "smoke data:" in r.stdout
+    assert f"in {smoke_data.relative_to(project)} (" in r.stdout  # the corpus line of tests/corpus.py
+    for f in ("tokenizer.model", "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"):
+        assert (smoke_data / f).read_bytes() == (corpus / f).read_bytes(), f
+    assert (smoke_data / "notes.txt").read_text() == "mine"
     run = project / "runs/first"
     for name in ("final_model.int6.ptz", "submission.json", "train.log"):
         assert (run / name).is_file(), name
