@@ -1047,7 +1047,8 @@ def quantize_to_budget(sd: dict[str, Tensor], budget: int, sens: dict[str, Tenso
     """The artifact object whose compressed size is <= budget (within ~1% below) with the least predicted loss.
     Each tensor takes the step minimising D + lam*bytes (bytes estimated from code histograms), lam bisected
     to the target, then one tensor moves a fraction of its rows one step finer for the rest; the real
-    compressor corrects the estimate (at most 3 calls)."""
+    compressor corrects the estimate, whose error varies with the grids: between the two tries nearest around
+    the goal it interpolates, else it shifts by the last miss (usually 2 calls, at most 5)."""
     t0 = time.perf_counter()
     big = [k for k, t in sd.items() if is_int6(k, t, quant_embed)]
     W = {k: sd[k].detach().cpu().float() for k in big}
@@ -1100,18 +1101,23 @@ def quantize_to_budget(sd: dict[str, Tensor], budget: int, sens: dict[str, Tenso
             obj["qmeta"][k] = {"scheme": "per_row", "axis": 0}
         return obj
 
-    fixed, offset, best = 0, 0.01 * budget, None  # scales, passthrough and pickle: compressed for real
+    fixed, best, tries = 0, None, []  # scales, passthrough and pickle: compressed for real
     for _ in range(2):
-        pick, frac = solve(budget * 0.995 - fixed - offset)
+        pick, frac = solve(budget * 0.985 - fixed)
         fixed = len(serialize_artifact({**build(pick, frac), "quantized": {}}))
-    for call in range(3):
-        pick, frac = solve(budget * (0.995 if call == 0 else 0.997) - fixed - offset)
+    target, goal = budget * 0.985 - fixed, budget * 0.995
+    for call in range(5):
+        pick, frac = solve(target)
         blob = serialize_artifact(build(pick, frac))
         if len(blob) <= budget and (best is None or len(blob) > len(best[2])):
             best = (pick, frac, blob)
-        if budget * 0.99 <= len(blob) <= budget or (len(blob) < budget and pick.eq(0).all()):
+        est = float(cost(R, pick, frac).sum())  # estimated bytes of the big tensors
+        if budget * 0.99 <= len(blob) <= budget or (est, len(blob)) in tries:  # in the band, or nothing left to buy
             break
-        offset = len(blob) - fixed - float(cost(R, pick, frac).sum())  # the estimate's error near here
+        tries.append((est, len(blob)))
+        below, above = [t for t in tries if t[1] < goal], [t for t in tries if t[1] > goal]
+        lo, hi = (max(below, key=lambda t: t[1]), min(above, key=lambda t: t[1])) if below and above else tries[-1:] * 2
+        target = lo[0] + (goal - lo[1]) * ((hi[0] - lo[0]) / (hi[1] - lo[1]) if hi[0] > lo[0] else 1.0)
     if best is None:
         raise UserError(f"QUANT_TARGET_BYTES: even the coarsest grids need {len(blob)} model bytes > {budget}")
     pick, frac, blob = best

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SAMPLE, tg, tiny_model
+from conftest import tg, tiny_model, train_briefly
 
 quantize_to_budget, sensitivity_from_batches = tg.quantize_to_budget, tg.sensitivity_from_batches
 
@@ -32,14 +32,8 @@ def batches(stream: "tg.TokenStream", n: int) -> list[tuple[torch.Tensor, torch.
 @pytest.fixture(scope="module")
 def trained(corpus):
     """A briefly trained tiny model, its training-data sensitivity and held-out training batches."""
-    torch.manual_seed(0)
     model = tiny_model(seed=0, **CFG)
-    stream = tg.TokenStream(tg.shard_files(str(SAMPLE), "train"))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for x, y in batches(stream, STEPS):
-        model(x, y).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    stream = train_briefly(model, STEPS, BATCH, SEQ)
     sens_batches, held = batches(stream, 4), batches(stream, 6)
     sens = sensitivity_from_batches(model, sens_batches)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -52,6 +46,16 @@ def trained(corpus):
 def held_loss(model, sd: dict, held) -> float:
     tg.load_weights(model, sd, "test")
     return float(torch.stack([model(x, y).mean() for x, y in held]).mean())
+
+
+def damage(model, sd: dict, obj: dict, held) -> float:
+    """Held-out loss increase caused by an artifact's weight error e, without its first-order part: the mean of
+    the losses at w+e and w-e, minus the loss at w. The first-order part (gradient . e) is as likely to lower the
+    loss as to raise it on a briefly trained model (its sign is luck of rounding, and on this corpus it was larger
+    than the differences measured here); the mirrored pair cancels it and leaves 0.5*e'He, what the search minimises."""
+    back = tg.dequantize_state_dict(obj)
+    mirror = {k: 2 * sd[k] - v if v.is_floating_point() else v for k, v in back.items()}
+    return 0.5 * (held_loss(model, back, held) + held_loss(model, mirror, held)) - held_loss(model, sd, held)
 
 
 def quantized_names(sd: dict) -> list[str]:
@@ -86,12 +90,30 @@ def test_byte_target_never_over_and_within_one_percent(trained, mult):
     assert 0.99 * budget <= n <= budget, (n, budget)
 
 
+@pytest.mark.parametrize("slope,mult", [(1.3, 1.2), (0.7, 1.3)])
+def test_byte_target_holds_when_the_estimate_is_off_by_a_factor(trained, monkeypatch, slope, mult):
+    """The histogram estimate's error varies with the grids (on the real tokenizer's sample the search once landed
+    1.2% under the target, correcting its estimate by a constant). Here every compressed byte above 80% of the
+    seed's size counts `slope` times: the search must still land within 1% under the target."""
+    serialize, knee = tg.serialize_artifact, int(0.8 * trained["seed_bytes"])
+
+    def skewed(obj: dict) -> bytes:
+        blob = serialize(obj)
+        extra = round((slope - 1) * max(len(blob) - knee, 0))
+        return blob + bytes(extra) if extra >= 0 else blob[:extra]
+
+    monkeypatch.setattr(tg, "serialize_artifact", skewed)
+    budget = int(trained["seed_bytes"] * mult)
+    _, stats = quantize_to_budget(trained["sd"], budget, trained["sens"], True, lambda s: None)
+    assert 0.99 * budget <= stats["bytes"] <= budget, (stats["bytes"], budget)
+
+
 def test_budget_extremes(trained):
     sd = trained["sd"]
     with pytest.raises(tg.UserError):  # even the coarsest grids cannot fit: refuse rather than overshoot
         quantize_to_budget(sd, 2000, trained["sens"], True, lambda s: None)
     # Far more bytes than int6 needs: under budget, no weight clipped (a tensor may also stay in fp16), and
-    # a smaller loss than at the seed's bytes.
+    # less damage to the loss than at the seed's bytes.
     big, stats = quantize_to_budget(sd, 3 * trained["seed_bytes"], trained["sens"], True, lambda s: None)
     tight, _ = quantize_to_budget(sd, trained["seed_bytes"], trained["sens"], True, lambda s: None)
     assert stats["bytes"] <= 3 * trained["seed_bytes"]
@@ -102,19 +124,16 @@ def test_budget_extremes(trained):
         else:
             assert torch.equal(back, sd[k].half().float()), k
     model, held = trained["model"], trained["held"]
-    assert held_loss(model, tg.dequantize_state_dict(big), held) < held_loss(model, tg.dequantize_state_dict(tight), held)
+    assert damage(model, sd, big, held) < damage(model, sd, tight, held)
 
 
 def test_loss_aware_beats_uniform_at_equal_bytes(trained):
     model, sd, held = trained["model"], trained["sd"], trained["held"]
     budget = trained["seed_bytes"]
-    base = held_loss(model, sd, held)
     ours, stats = quantize_to_budget(sd, budget, trained["sens"], True, lambda s: None)
     uni, uni_bytes = uniform_to_budget(sd, budget)
     assert stats["bytes"] <= budget and uni_bytes <= budget
-    d_ours = held_loss(model, tg.dequantize_state_dict(ours), held) - base
-    d_uni = held_loss(model, tg.dequantize_state_dict(uni), held) - base
-    d_seed = held_loss(model, tg.dequantize_state_dict(trained["seed_obj"]), held) - base
+    d_ours, d_uni, d_seed = (damage(model, sd, obj, held) for obj in (ours, uni, trained["seed_obj"]))
     assert d_ours < d_uni, (d_ours, d_uni, d_seed)
     assert d_ours < d_seed, (d_ours, d_uni, d_seed)
     # The reported prediction is 0.5 * sum(F * e^2) of the weights it returns (the rows moved one grid
