@@ -150,7 +150,7 @@ def test_token_stream_concatenates_wraps_and_resumes(tmp_path):
         pos += n
 
 
-def test_token_stream_real_shards_in_sorted_order(corpus):
+def test_token_stream_corpus_shards_in_sorted_order(corpus):
     s = tg.TokenStream([str(p) for p in TRAIN_SHARDS])
     n0 = len(tg.open_shard(str(TRAIN_SHARDS[0])))
     s.load_state({"shard": 0, "offset": n0 - 3})
