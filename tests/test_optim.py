@@ -117,6 +117,30 @@ def test_muon_two_steps_match_reference(use_default_ns):
                 torch.testing.assert_close(p.detach(), ref_p[i], atol=1e-6, rtol=1e-6)
 
 
+def test_muon_bf16_update_buffer():
+    """COMPAT_PR644 (update_dtype=bf16): the Newton-Schulz output times sqrt(max(1, rows/cols)) is rounded in bf16
+    and held in a bf16 buffer before it is applied; the default keeps that product in fp32. The 48x16 matrix
+    (factor sqrt(3)) shows the difference."""
+    lr, m, wd = 0.05, 0.9, 0.1
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        params, grads = _muon_setup()
+        opt = tg.Muon([dict(params=params, lr=lr)], momentum=m, steps=5, wd=wd, update_dtype=dtype)
+        for p, gr in zip(params, grads[0]):
+            p.grad = gr.clone()
+        want = [p.detach().clone() for p in params]
+        opt.step()
+        for i, gr in enumerate(grads[0]):
+            u = tg.newton_schulz(gr.add(gr, alpha=m), 5)  # momentum buffer after one step = the gradient
+            assert u.dtype == torch.bfloat16
+            f = math.sqrt(max(1.0, gr.shape[0] / gr.shape[1]))
+            upd = (u * f).float() if dtype == torch.bfloat16 else u.float() * f
+            want[i].mul_(1 - lr * wd).add_(upd, alpha=-lr)
+            assert torch.equal(params[i].detach(), want[i]), (dtype, i)
+        out[dtype] = params[0].detach()
+    assert not torch.equal(out[torch.bfloat16], out[torch.float32])
+
+
 # ----------------------------------------------------------------------------------------------
 # LR schedule and Muon momentum
 # ----------------------------------------------------------------------------------------------
@@ -342,14 +366,33 @@ def test_prime_really_trains_then_undoes(corpus):
     seen = {}
     orig = tr.train_step
 
-    def spy(lr):
-        out = orig(lr)
+    def spy(lr, **kw):
+        out = orig(lr, **kw)
         seen["w"] = snapshot(tr.model)
         return out
     tr.train_step = spy
     tr.prime()
     assert not torch.equal(seen["w"]["blocks.0.attn.c_q.weight"], w0["blocks.0.attn.c_q.weight"])
     assert torch.equal(snapshot(tr.model)["blocks.0.attn.c_q.weight"], w0["blocks.0.attn.c_q.weight"])
+
+
+def test_priming_is_the_published_warmup(corpus, monkeypatch):
+    """Priming steps run as the published script's warm-up: LR multiplier 1, Muon at MUON_MOMENTUM (no momentum
+    warm-up), no gradient clip. The steps after it clip and warm the momentum up from 0.92."""
+    tr = make_trainer(seed=1, prime_steps=2, grad_clip_norm=0.3)
+    clips, seen = [], []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clips.append(1) or torch.tensor(1.0))
+    real = tg.Muon.step
+
+    def spy(self):
+        g = self.param_groups[0]
+        seen.append((g["momentum"], g["lr"] / g["base_lr"]))
+        return real(self)
+    monkeypatch.setattr(tg.Muon, "step", spy)
+    tr.prime()
+    assert clips == [] and seen == [(0.99, 1.0), (0.99, 1.0)]
+    tr.train_step(tg.lr_multiplier(tr.hp, 0))
+    assert clips == [1] and seen[-1][0] == pytest.approx(0.92) and seen[-1][1] == pytest.approx(0.5)
 
 
 def test_non_finite_loss_raises_with_step(corpus):

@@ -35,7 +35,7 @@ def trained(corpus):
     torch.manual_seed(0)
     model = tiny_model(seed=0, **CFG)
     stream = tg.TokenStream(tg.shard_files(str(SAMPLE), "train"))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # 60 steps to ~5.8 nats: quantization then shows
     for x, y in batches(stream, STEPS):
         model(x, y).mean().backward()
         opt.step()
