@@ -846,6 +846,11 @@ class Trainer:
         self.bad_step.fill_(-1)
         self.rt.log(f"prime_steps:{self.hp.prime_steps} prime_time:{(time.perf_counter() - t0):.1f}s (state restored)")
 
+    def apply_ema(self) -> None:
+        """Swap the EMA weights in, each cast to its tensor's training dtype (COMPAT_PR644's tok_emb stays bf16)."""
+        dtypes = {k: v.dtype for k, v in self.model.state_dict().items()}
+        load_weights(self.model, {k: v.to(dtypes[k]) for k, v in self.ema.items()}, "EMA weights")
+
     # -- checkpoints -----------------------------------------------------------------------------
     def checkpoint_dir(self) -> Path:
         return Path(self.hp.checkpoint_dir) if self.hp.checkpoint_dir else self.rt.run_dir / "checkpoints"
@@ -1466,9 +1471,8 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         if rt.device.type == "cuda":
             rt.log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
                    f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
-        if trainer.ema is not None:  # cast to each tensor's training dtype (COMPAT_PR644's tok_emb stays bf16)
-            dtypes = {k: v.dtype for k, v in model.state_dict().items()}
-            load_weights(model, {k: v.to(dtypes[k]) for k, v in trainer.ema.items()}, "EMA weights")
+        if trainer.ema is not None:
+            trainer.apply_ema()
             rt.log("ema:applied")
         float_loss, float_bpb = evaluate(hp, rt, model, val, tables, 0)
         rt.log(f"float_eval val_loss:{float_loss:.8f} val_bpb:{float_bpb:.8f}")

@@ -79,6 +79,11 @@ def test_bf16_master_values_and_tok_emb(corpus, monkeypatch):
     assert seen[0][0][id(emb)].dtype == torch.bfloat16 and emb.dtype == torch.bfloat16
     assert adam.state[emb]["exp_avg"].dtype == adam.state[emb]["exp_avg_sq"].dtype == torch.bfloat16
     assert all(v.dtype == torch.float32 for v in tr.ema.values())
+    ema = tr.ema["tok_emb.weight"].clone()
+    tr.apply_ema()  # cast back to bf16: the artifact stores tok_emb as bf16, as the published one
+    assert emb.dtype == torch.bfloat16 and torch.equal(emb.detach(), ema.bfloat16())
+    obj, _ = tg.quantize_state_dict(tr.model.state_dict())
+    assert tg.dequantize_state_dict(obj)["tok_emb.weight"].dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,3 +138,24 @@ def test_resume_equals_uninterrupted(corpus):
     sa, sb = a.state(), b.state()
     for k in ("model", "opts", "ema", "kept_grads", "data", "step"):
         _assert_same(sa[k], sb[k], k)
+
+
+def test_ttt_starts_without_the_kept_gradient(corpus, monkeypatch):
+    """After COMPAT_PR644 training the scale holds a gradient; TTT must not add it to its first step."""
+    tr = compat_trainer(seed=3, prime_steps=2)
+    tr.prime()
+    tr.train_step(1.0)
+    assert tr.model.bigram_emb.scale.grad is not None
+    clean = copy.deepcopy(tr.model)
+    clean.zero_grad(set_to_none=True)
+    hp = tg.dataclasses.replace(tr.hp, eval_stride=32, ttt_chunk_tokens=512, ttt_batch_seqs=2, ttt_epochs=1)
+    val = tg.load_validation(tg.dataclasses.replace(hp, val_max_tokens=1100))
+    tables = tg.byte_tables(tg.load_tokenizer(hp), hp.vocab_size)
+    firsts = []
+    for model in (tr.model, clean):
+        seen = clip_spy(monkeypatch)
+        rt = tg.Runtime()
+        rt.compiled = model
+        tg.ttt_evaluate(hp, rt, model, val, tables)
+        firsts.append(seen[0][0][id(model.bigram_emb.scale)])
+    assert torch.equal(*firsts)
