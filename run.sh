@@ -39,10 +39,27 @@ pip_install() {
 }
 
 gpus() { "$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))"; }
-launch() {  # torchrun for several processes; a plain process for one (so an error is just its one line)
-  local n=${NPROC:-$(gpus)}
+# torchrun, without its own log lines and ChildFailedError traceback after a worker's error: train_gpt.py has
+# printed that error once (exit 2); any other failure gets one line naming the rank and its exit code.
+TORCHRUN='
+import logging, sys
+from torch.distributed.run import main
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+try:
+    main(sys.argv[1:])
+except ChildFailedError as e:
+    rank, failure = e.get_first_failure()
+    if failure.exitcode != 2:
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        print(f"error: rank {rank} failed ({how}); its output is above", file=sys.stderr)
+    sys.exit(2 if failure.exitcode == 2 else 1)
+'
+launch() {  # a plain process for one (so an error is just its one line); torchrun for several, after one process
+  local n=${NPROC:-$(gpus)}  # ran every check it can make alone (config, batch split, tokenizer, shards, artifact)
   if [ "$n" -gt 1 ]; then
-    exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$n" train_gpt.py
+    DRY_RUN=1 WORLD_SIZE="$n" "$PY" train_gpt.py >/dev/null
+    exec "$PY" -c "$TORCHRUN" --standalone --nproc_per_node="$n" train_gpt.py
   fi
   exec "$PY" train_gpt.py
 }
