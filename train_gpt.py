@@ -1513,7 +1513,8 @@ def write_submission(hp: Hyperparameters, rt: Runtime, r: dict) -> None:
 
 def reports_error(rank: int) -> bool:
     """Under torchrun every rank may hit the same error: rank 0 claims the report at once, others after a grace period
-    (torchrun stops them when rank 0 exits), so one rank's own error still shows; torchrun's store counts claims."""
+    (torchrun stops them when rank 0 exits), so one rank's own error still shows; the first claim in torchrun's store
+    reports, the others stay silent."""
     time.sleep(3.0 if rank else 0.0)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # not under torchrun: nobody else to ask
         return True
@@ -1538,7 +1539,7 @@ def main() -> int:
             return 2
         if not isinstance(e, UserError):
             raise
-        line = f"error: {f'rank {rank}: ' if rank else ''}{e}"  # rank 0's own error, or one of this rank alone
+        line = f"error: {f'rank {rank}: ' if rank else ''}{e}"  # another rank names itself (maybe its error alone)
         print(line, file=sys.stderr, flush=True)
         if rt is not None and rt.log_file is not None:
             print(line, file=rt.log_file, flush=True)
