@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# run.sh — one entry point for every job. Usage: ./run.sh [smoke|test|data [N]|train|eval ARTIFACT|bench WHAT]
+# run.sh — one entry point for every job: ./run.sh [smoke|test|data [N]|train|eval ARTIFACT|compare RUN...|bench WHAT]
 #   smoke (default)  end to end on the CPU in minutes, no download: tokenizer + shards from Python's own
 #                    docstrings (or the downloaded FineWeb sample if present), train, artifact, TTT, final line
 #   test             the test suite (what CI runs)
 #   data [N]         download the sp1024 tokenizer, the validation split and N train shards (default 80)
 #   train            the seed's 25k-step run on all visible GPUs (override any knob through the environment)
 #   eval ARTIFACT    score an artifact without training (EVAL_ONLY)
+#   compare RUN...   runs (folders or train.logs, ours or the published script's) against each other and the
+#                    published run: a table and compare.png (--out FILE): tests/compare.py
 #   bench WHAT       train (tokens/s, step time, memory at the seed config), ttt, artifact: tests/bench.py
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,6 +29,8 @@ setup() {  # a virtualenv that reuses an already installed torch (e.g. the CUDA 
     "$PY" -c "import pytest" 2>/dev/null || pip_install pytest
     "$PY" -c "import huggingface_hub" 2>/dev/null || pip_install huggingface_hub ||
       echo "run.sh: huggingface_hub could not be installed; the tests of './run.sh data' will be skipped" >&2
+    "$PY" -c "import matplotlib" 2>/dev/null || pip_install matplotlib ||
+      echo "run.sh: matplotlib could not be installed; the picture tests of './run.sh compare' will be skipped" >&2
   fi
 }
 
@@ -209,13 +213,19 @@ PYEOF
     export EVAL_ONLY=1 ARTIFACT="$1"
     launch
     ;;
+  compare)
+    setup
+    "$PY" -c "import matplotlib" 2>/dev/null || (pip_install --retries 1 --timeout 10 matplotlib) ||
+      echo "run.sh: matplotlib could not be installed; compare prints its table without the picture" >&2
+    exec "$PY" tests/compare.py "$@"
+    ;;
   bench)
     setup
     exec "$PY" tests/bench.py "$@"
     ;;
   *)
     echo "run.sh: unknown mode '$cmd'" >&2
-    sed -n '2,9p' "$0" >&2
+    sed -n '2,11p' "$0" >&2
     exit 2
     ;;
 esac

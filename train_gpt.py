@@ -229,6 +229,26 @@ def help_text() -> str:
             f"{'KNOB':28s} {'DEFAULT':38s} MEANING\n" + "\n".join(rows))
 
 
+# The published run's val_bpb (float weights, standard eval) at steps 0, 500, ..., 25,000: the reference curve.
+REF_VAL_BPB = tuple(map(float, """4.1043 1.3944 1.3250 1.2972 1.2655 1.2533 1.2456 1.2426 1.2393 1.2352 1.2305 1.2291
+1.2295 1.2248 1.2256 1.2243 1.2210 1.2218 1.2200 1.2205 1.2176 1.2187 1.2163 1.2155 1.2175
+1.2134 1.2096 1.2078 1.2054 1.2047 1.1990 1.1971 1.1951 1.1939 1.1890 1.1853 1.1826 1.1812
+1.1771 1.1744 1.1689 1.1644 1.1615 1.1559 1.1507 1.1453 1.1387 1.1321 1.1243 1.1156 1.1088""".split()))
+
+
+def published_config(hp: Hyperparameters) -> bool:
+    """Model, batch, ITERATIONS, WARMDOWN_ITERS as published, full validation, no cap (any GPU count, LR shape)."""
+    ref, same = Hyperparameters(), ("train_batch_tokens", "iterations", "warmdown_iters", "max_wallclock_seconds",
+                                    "val_max_tokens")
+    return hp.model_signature() == ref.model_signature() and all(getattr(hp, k) == getattr(ref, k) for k in same)
+
+
+def ref_suffix(hp: Hyperparameters, step: int, val_bpb: float) -> str:
+    """' ref_val_bpb:R delta:D' for a validation line at a step of the published curve, in its configuration."""
+    ref = REF_VAL_BPB[step // 500] if step % 500 == 0 and step < 500 * len(REF_VAL_BPB) else None
+    return f" ref_val_bpb:{ref:.4f} delta:{round(val_bpb, 4) - ref:+.4f}" if ref and published_config(hp) else ""
+
+
 # ----------------------------------------------------------------------------------------------
 # Data and metric
 # Why: shards are the challenge's binary format; val_bpb must match the challenge's byte rule bit
@@ -889,7 +909,8 @@ class Trainer:
                 self.train_ms = now_ms()
                 vloss, vbpb = evaluate(self.model)
                 rt.log(f"step:{self.step}/{hp.iterations} val_loss:{vloss:.4f} val_bpb:{vbpb:.4f} "
-                       f"train_time:{self.train_ms:.0f}ms step_avg:{self.train_ms / max(self.step, 1):.2f}ms")
+                       f"train_time:{self.train_ms:.0f}ms step_avg:{self.train_ms / max(self.step, 1):.2f}ms"
+                       f"{ref_suffix(hp, self.step, vbpb)}")
                 t_mark = time.perf_counter()
             if done:
                 break

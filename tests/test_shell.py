@@ -22,7 +22,8 @@ REPO = "willdepueoai/parameter-golf"
 def project_copy(tmp_path: Path) -> Path:
     dest = tmp_path / "project"
     dest.mkdir(parents=True)
-    for name in ("run.sh", "train_gpt.py", "requirements.txt"):
+    (dest / "tests").mkdir()
+    for name in ("run.sh", "train_gpt.py", "requirements.txt", "tests/compare.py", "tests/pr644_ttt_curve.tsv"):
         shutil.copy2(ROOT / name, dest / name)
     return dest
 
