@@ -140,7 +140,7 @@ class Hyperparameters:
     ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)", lo=0.0)
     ttt_freeze_blocks: int = knob(2, "first N blocks frozen during TTT", lo=0)
     # modes and devices
-    dry_run: bool = knob(False, "check config, tokenizer and data, build the model, then exit")
+    dry_run: bool = knob(False, "check config, data, tokenizer, artifact, batch split for WORLD_SIZE, then exit")
     eval_only: bool = knob(False, "skip training; evaluate ARTIFACT")
     artifact: str = knob("", "artifact (.ptz) for EVAL_ONLY")
     device: str = knob("auto", "compute device", choices=("auto", "cpu", "cuda"))
@@ -238,6 +238,26 @@ def help_text() -> str:
     return ("usage: [KNOB=value ...] python train_gpt.py   (or torchrun --nproc_per_node=N train_gpt.py)\n"
             "Every setting is an environment variable; defaults: the seed's run, LR schedule as its summary.\n\n"
             f"{'KNOB':28s} {'DEFAULT':38s} MEANING\n" + "\n".join(rows))
+
+
+# The published run's val_bpb (float weights, standard eval) at steps 0, 500, ..., 25,000: the reference curve.
+REF_VAL_BPB = tuple(map(float, """4.1043 1.3944 1.3250 1.2972 1.2655 1.2533 1.2456 1.2426 1.2393 1.2352 1.2305 1.2291
+1.2295 1.2248 1.2256 1.2243 1.2210 1.2218 1.2200 1.2205 1.2176 1.2187 1.2163 1.2155 1.2175
+1.2134 1.2096 1.2078 1.2054 1.2047 1.1990 1.1971 1.1951 1.1939 1.1890 1.1853 1.1826 1.1812
+1.1771 1.1744 1.1689 1.1644 1.1615 1.1559 1.1507 1.1453 1.1387 1.1321 1.1243 1.1156 1.1088""".split()))
+
+
+def published_config(hp: Hyperparameters) -> bool:
+    """Model, batch, ITERATIONS, WARMDOWN_ITERS as published, full validation, no cap (any GPU count, LR shape)."""
+    ref, same = Hyperparameters(), ("train_batch_tokens", "iterations", "warmdown_iters", "max_wallclock_seconds",
+                                    "val_max_tokens")
+    return hp.model_signature() == ref.model_signature() and all(getattr(hp, k) == getattr(ref, k) for k in same)
+
+
+def ref_suffix(hp: Hyperparameters, step: int, val_bpb: float) -> str:
+    """' ref_val_bpb:R delta:D' for a validation line at a step of the published curve, in its configuration."""
+    ref = REF_VAL_BPB[step // 500] if step % 500 == 0 and step < 500 * len(REF_VAL_BPB) else None
+    return f" ref_val_bpb:{ref:.4f} delta:{round(val_bpb, 4) - ref:+.4f}" if ref and published_config(hp) else ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -738,6 +758,29 @@ def all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
         offset += p.numel()
 
 
+def batch_split(hp: Hyperparameters, world: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) on `world` processes: the largest micro-batch <= MICRO_BATCH_SEQS that
+    divides each rank's share of the global batch; refused only if the batch does not split into equal shares."""
+    T, seqs = hp.train_seq_len, hp.train_batch_tokens // hp.train_seq_len
+    if seqs % world:
+        near = " or ".join(str(n * T) for n in (seqs // world * world, seqs // world * world + world) if n)
+        raise UserError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} ({seqs} sequences of {T}) does not split over "
+                        f"{world} processes: use a multiple of {world * T}, e.g. TRAIN_BATCH_TOKENS={near}")
+    share = seqs // world
+    micro = max(m for m in range(1, min(hp.micro_batch_seqs, share) + 1) if share % m == 0)
+    return micro, share // micro
+
+
+def warn_short_ema(hp: Hyperparameters, rt: Runtime, step_ms: float = 0.0) -> None:
+    """At start (with a wall-clock cap: once the step time is known) warn if the EMA would keep > 5% of the init."""
+    wall = hp.max_wallclock_seconds > 0
+    steps = min(hp.iterations, hp.max_wallclock_seconds * 1000 / step_ms) if wall and step_ms else hp.iterations
+    kept = hp.ema_decay ** steps if hp.ema_decay > 0 and steps > 0 and wall == (step_ms > 0) else 0.0
+    if kept > 0.05:
+        rt.log(f"warning: EMA_DECAY^steps = {hp.ema_decay}^{steps:.0f} = {kept:.0%} of the initial weights stay in "
+               f"the final EMA weights; for a run this short use e.g. EMA_DECAY={max(1 - 10 / steps, 0):.4g}")
+
+
 class Trainer:
     def __init__(self, hp: Hyperparameters, rt: Runtime, model: GPT, stream: TokenStream):
         self.hp, self.rt, self.model, self.stream = hp, rt, model, stream
@@ -747,12 +790,7 @@ class Trainer:
         # COMPAT_PR644: the published script clears only its optimizers' gradients (bigram_emb.scale's accumulates)
         self.kept = [p for p in self.params if id(p) not in owned] if hp.compat_pr644 else []
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if hp.ema_decay > 0 else None
-        seqs = hp.train_batch_tokens // hp.train_seq_len
-        self.micro = min(hp.micro_batch_seqs, max(seqs // rt.world, 1))
-        if seqs % (rt.world * self.micro):
-            raise UserError(f"MICRO_BATCH_SEQS={hp.micro_batch_seqs}: {seqs} sequences per step do not split into "
-                            f"{rt.world} ranks x micro-batches of {self.micro}")
-        self.accum = seqs // (rt.world * self.micro)
+        self.micro, self.accum = batch_split(hp, rt.world)
         self.step, self.train_ms = 0, 0.0
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
 
@@ -906,7 +944,8 @@ class Trainer:
                 self.train_ms = now_ms()
                 vloss, vbpb = evaluate(self.model)
                 rt.log(f"step:{self.step}/{hp.iterations} val_loss:{vloss:.4f} val_bpb:{vbpb:.4f} "
-                       f"train_time:{self.train_ms:.0f}ms step_avg:{self.train_ms / max(self.step, 1):.2f}ms")
+                       f"train_time:{self.train_ms:.0f}ms step_avg:{self.train_ms / max(self.step, 1):.2f}ms"
+                       f"{ref_suffix(hp, self.step, vbpb)}")
                 t_mark = time.perf_counter()
             if done:
                 break
@@ -919,6 +958,8 @@ class Trainer:
                 rt.log(f"step:{self.step}/{hp.iterations} train_loss:{lv:.4f} train_time:{now:.0f}ms "
                        f"step_avg:{avg:.2f}ms tok_s:{rate:.0f} eta:{(hp.iterations - self.step) * avg / 1000:.0f}s")
                 last = (self.step, now)
+                if self.step == hp.train_log_every:  # with a wall-clock cap the number of steps is known now
+                    warn_short_ema(hp, rt, avg)
             if hp.checkpoint_every and self.step % hp.checkpoint_every == 0:
                 self.train_ms = now_ms()
                 self.save_checkpoint()
@@ -1369,7 +1410,7 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and not hp.dry_run and not dist.is_initialized():  # DRY_RUN=1 WORLD_SIZE=N: N's checks, one process
         dist.init_process_group("nccl" if kind == "cuda" else "gloo",
                                 **({"device_id": device} if kind == "cuda" else {}))
     return Runtime(rank=rank, world=world, device=device)
@@ -1432,11 +1473,17 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     val = load_validation(hp)
     train_files = [] if hp.eval_only else shard_files(hp.data_path, "train")
     stream = None if hp.eval_only else TokenStream(train_files)
+    split = batch_split(hp, rt.world) if stream else None
     model = GPT(hp).to(rt.device)
+    if hp.eval_only:
+        load_weights(model, dequantize_state_dict(read_artifact(hp.artifact)), f"artifact {hp.artifact}")
     n_params = sum(p.numel() for p in model.parameters())
     hp = hp if hp.dry_run else open_run_dir(hp, rt)
     log_header(hp, rt)
     rt.log(f"model_params:{n_params}")
+    if split:
+        rt.log(f"batch: global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{split[0]} grad_accum:{split[1]}")
+        warn_short_ema(hp, rt)
     if hp.dry_run:
         n_train = sum(len(s) for s in stream.shards) if stream else 0
         rt.log(f"data: train_shards:{len(train_files)} train_tokens:{n_train} "
@@ -1451,14 +1498,10 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
               "wallclock_seconds": 0}
     standard = None
     if hp.eval_only:
-        obj = read_artifact(hp.artifact)
-        load_weights(model, dequantize_state_dict(obj), f"artifact {hp.artifact}")
         result["bytes_model"] = len(Path(hp.artifact).read_bytes())
         rt.log(f"eval_only artifact:{hp.artifact} bytes:{result['bytes_model']}")
     else:
         trainer = Trainer(hp, rt, model, stream)
-        rt.log(f"batch: global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro} "
-               f"grad_accum:{trainer.accum}")
         if hp.compat_pr644:
             rt.log("compat_pr644:1 changes:bigram_scale_grad_never_cleared,bf16_initial_values,tok_emb_bf16,"
                    "muon_update_bf16,no_lr_warmup,linear_warmdown")
@@ -1528,6 +1571,17 @@ def write_submission(hp: Hyperparameters, rt: Runtime, r: dict) -> None:
     rt.log(f"submission:{rt.run_dir / 'submission.json'}")
 
 
+def reports_error(rank: int) -> bool:
+    """Under torchrun every rank may hit the same error: rank 0 claims the report at once, others after a grace period
+    (torchrun stops them when rank 0 exits), so one rank's own error still shows; the first claim in torchrun's store
+    reports, the others stay silent."""
+    time.sleep(3.0 if rank else 0.0)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # not under torchrun: nobody else to ask
+        return True
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    return store.add(f"train_gpt_error_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", 1) == 1
+
+
 def main() -> int:
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head` ends quietly
@@ -1538,11 +1592,17 @@ def main() -> int:
         hp = Hyperparameters.from_env()
         rt = setup_runtime(hp)
         return run(hp, rt)
-    except UserError as e:
-        if rt.main if rt else os.environ.get("RANK", "0") == "0":  # one line, not one per rank
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            if rt is not None and rt.log_file is not None:
-                print(f"error: {e}", file=rt.log_file, flush=True)
+    except Exception as e:  # a UserError is one line, anything else its traceback; under torchrun once, not per rank
+        rank = int(os.environ.get("RANK", "0"))
+        if not reports_error(rank):
+            time.sleep(60)  # the reporting rank may still be printing: torchrun stops this process when it exits
+            return 2
+        if not isinstance(e, UserError):
+            raise
+        line = f"error: {f'rank {rank}: ' if rank else ''}{e}"  # another rank names itself (maybe its error alone)
+        print(line, file=sys.stderr, flush=True)
+        if rt is not None and rt.log_file is not None:
+            print(line, file=rt.log_file, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
