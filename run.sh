@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# run.sh — one entry point for every job. Usage: ./run.sh [smoke|test|data [N]|train|eval ARTIFACT|bench WHAT]
+# run.sh — one entry point for every job: ./run.sh [smoke|test|data [N]|train|eval ARTIFACT|compare RUN...|bench WHAT]
 #   smoke (default)  end to end on the CPU in minutes, no download: tokenizer + shards from Python's own
 #                    docstrings (tests/corpus.py; the downloaded FineWeb if present), train, artifact, TTT, final line
 #   test             the test suite (what CI runs)
 #   data [N]         download the sp1024 tokenizer, the validation split and N train shards (default 80)
 #   train            the seed's 25k-step run on all visible GPUs (override any knob through the environment)
 #   eval ARTIFACT    score an artifact without training (EVAL_ONLY)
+#   compare RUN...   runs (folders or train.logs, ours or the published script's) against each other and the
+#                    published run: a table and compare.png (--out FILE): tests/compare.py
 #   bench WHAT       train (tokens/s, step time, memory at the seed config), ttt, artifact: tests/bench.py
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,6 +29,8 @@ setup() {  # a virtualenv that reuses an already installed torch (e.g. the CUDA 
     "$PY" -c "import pytest" 2>/dev/null || pip_install pytest
     "$PY" -c "import huggingface_hub" 2>/dev/null || pip_install huggingface_hub ||
       echo "run.sh: huggingface_hub could not be installed; the tests of './run.sh data' will be skipped" >&2
+    "$PY" -c "import matplotlib" 2>/dev/null || pip_install matplotlib ||
+      echo "run.sh: matplotlib could not be installed; the picture tests of './run.sh compare' will be skipped" >&2
   fi
 }
 
@@ -39,10 +43,27 @@ pip_install() {
 }
 
 gpus() { "$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))"; }
-launch() {  # torchrun for several processes; a plain process for one (so an error is just its one line)
-  local n=${NPROC:-$(gpus)}
+# torchrun, without its own log lines and ChildFailedError traceback after a worker's error: train_gpt.py has
+# printed that error once (exit 2); any other failure gets one line naming the rank and its exit code.
+TORCHRUN='
+import logging, sys
+from torch.distributed.run import main
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+try:
+    main(sys.argv[1:])
+except ChildFailedError as e:
+    rank, failure = e.get_first_failure()
+    if failure.exitcode != 2:
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        print(f"error: rank {rank} failed ({how}); its output is above", file=sys.stderr)
+    sys.exit(2 if failure.exitcode == 2 else 1)
+'
+launch() {  # a plain process for one (so an error is just its one line); torchrun for several, after one process
+  local n=${NPROC:-$(gpus)}  # ran every check it can make alone (config, batch split, tokenizer, shards, artifact)
   if [ "$n" -gt 1 ]; then
-    exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$n" train_gpt.py
+    DRY_RUN=1 WORLD_SIZE="$n" "$PY" train_gpt.py >/dev/null
+    exec "$PY" -c "$TORCHRUN" --standalone --nproc_per_node="$n" train_gpt.py
   fi
   exec "$PY" train_gpt.py
 }
@@ -152,13 +173,19 @@ PYEOF
     export EVAL_ONLY=1 ARTIFACT="$1"
     launch
     ;;
+  compare)
+    setup
+    "$PY" -c "import matplotlib" 2>/dev/null || (pip_install --retries 1 --timeout 10 matplotlib) ||
+      echo "run.sh: matplotlib could not be installed; compare prints its table without the picture" >&2
+    exec "$PY" tests/compare.py "$@"
+    ;;
   bench)
     setup
     exec "$PY" tests/bench.py "$@"
     ;;
   *)
     echo "run.sh: unknown mode '$cmd'" >&2
-    sed -n '2,9p' "$0" >&2
+    sed -n '2,11p' "$0" >&2
     exit 2
     ;;
 esac

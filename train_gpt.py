@@ -78,9 +78,11 @@ class Hyperparameters:
     bigram_buckets: int = knob(2048, "BigramHash buckets (last one is the position-0 bucket)", lo=2)
     bigram_embed_dim: int = knob(128, "BigramHash embedding width", lo=1)
     bigram_scale_init: float = knob(0.05, "BigramHash output scale (never trained by the seed)")
-    rope_dims: int = knob(16, "head dims rotated by RoPE (partial RoPE)", lo=0)
+    rope_dims: int = knob(16, "head dims rotated by RoPE (partial RoPE; 0 = the whole head)", lo=0)
     rope_base: float = knob(10000.0, "RoPE base", lo=1.0)
     rope_train_seq_len: int = knob(2048, "window length above which YaRN scales the RoPE base", lo=1)
+    rope_inv_freq: str = knob("bf16", "RoPE inverse frequencies: bf16-rounded as the published model's, or exact",
+                              choices=("bf16", "fp32"))
     ln_scale: bool = knob(True, "scale block inputs by 1/sqrt(layer+1)")
     xsa_layers: int = knob(4, "last N blocks use XSA (remove own-value component)", lo=0)
     ve_enabled: bool = knob(True, "shared value embeddings in VE_LAYERS")
@@ -100,6 +102,7 @@ class Hyperparameters:
     warmdown_shape: str = knob("cosine", "warm-down shape", choices=("cosine", "linear"))
     max_wallclock_seconds: float = knob(0.0, "stop training at this many seconds (0 = off)", lo=0.0)
     prime_steps: int = knob(20, "untimed compile-priming steps, fully undone afterwards", lo=0)
+    compat_pr644: bool = knob(False, "train with the published script's numerics, its accidents included")
     matrix_lr: float = knob(0.025, "Muon LR (encoder blocks, bigram proj)", lo=0.0)
     scalar_lr: float = knob(0.025, "AdamW LR of vectors and small tables", lo=0.0)
     tied_embed_lr: float = knob(0.035, "AdamW LR of the tied embedding", lo=0.0)
@@ -137,7 +140,7 @@ class Hyperparameters:
     ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)", lo=0.0)
     ttt_freeze_blocks: int = knob(2, "first N blocks frozen during TTT", lo=0)
     # modes and devices
-    dry_run: bool = knob(False, "check config, tokenizer and data, build the model, then exit")
+    dry_run: bool = knob(False, "check config, data, tokenizer, artifact, batch split for WORLD_SIZE, then exit")
     eval_only: bool = knob(False, "skip training; evaluate ARTIFACT")
     artifact: str = knob("", "artifact (.ptz) for EVAL_ONLY")
     device: str = knob("auto", "compute device", choices=("auto", "cpu", "cuda"))
@@ -185,6 +188,9 @@ class Hyperparameters:
             if choices and val not in choices:
                 raise UserError(f"{name}={raw} must be one of {', '.join(choices)}")
             kwargs[f.name] = val
+        if kwargs.get("compat_pr644"):  # the published schedule; other values are refused by check()
+            kwargs.setdefault("warmup_steps", 0)
+            kwargs.setdefault("warmdown_shape", "linear")
         hp = cls(**kwargs)
         hp.check()
         return hp
@@ -202,6 +208,10 @@ class Hyperparameters:
         need(self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", f"exceeds NUM_LAYERS={self.num_layers}")
         need(self.warmdown_iters <= self.iterations or self.iterations == 0, "WARMDOWN_ITERS", f"exceeds ITERATIONS="
              f"{self.iterations}; set it too, e.g. WARMDOWN_ITERS={self.iterations * 13 // 25} (the seed's 52%)")
+        need(not self.compat_pr644 or self.warmup_steps == 0, "WARMUP_STEPS", "COMPAT_PR644=1 has no LR warm-up "
+             "(the published script's WARMUP_STEPS is its compile priming: PRIME_STEPS)")
+        need(not self.compat_pr644 or self.warmdown_shape == "linear", "WARMDOWN_SHAPE",
+             "COMPAT_PR644=1 warms down linearly, as the published script")
         need(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
              f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
         try:
@@ -216,8 +226,9 @@ class Hyperparameters:
     def model_signature(self) -> dict:
         """The knobs that decide parameter shapes and the forward; checkpoints must agree on these."""
         keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_hidden", "bigram_buckets",
-                "bigram_embed_dim", "rope_dims", "rope_base", "rope_train_seq_len", "ln_scale", "xsa_layers",
-                "ve_enabled", "ve_dim", "ve_layers", "logit_softcap", "bos_mask", "train_seq_len")
+                "bigram_embed_dim", "rope_dims", "rope_base", "rope_train_seq_len", "rope_inv_freq", "ln_scale",
+                "xsa_layers", "ve_enabled", "ve_dim", "ve_layers", "logit_softcap", "bos_mask", "train_seq_len",
+                "compat_pr644")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -225,8 +236,28 @@ def help_text() -> str:
     rows = [f"{f.name.upper():28s} {str(f.default)!s:38s} {f.metadata['help']}"
             for f in dataclasses.fields(Hyperparameters)]
     return ("usage: [KNOB=value ...] python train_gpt.py   (or torchrun --nproc_per_node=N train_gpt.py)\n"
-            "Every setting is an environment variable; defaults reproduce the seed's 25k-step run.\n\n"
+            "Every setting is an environment variable; defaults: the seed's run, LR schedule as its summary.\n\n"
             f"{'KNOB':28s} {'DEFAULT':38s} MEANING\n" + "\n".join(rows))
+
+
+# The published run's val_bpb (float weights, standard eval) at steps 0, 500, ..., 25,000: the reference curve.
+REF_VAL_BPB = tuple(map(float, """4.1043 1.3944 1.3250 1.2972 1.2655 1.2533 1.2456 1.2426 1.2393 1.2352 1.2305 1.2291
+1.2295 1.2248 1.2256 1.2243 1.2210 1.2218 1.2200 1.2205 1.2176 1.2187 1.2163 1.2155 1.2175
+1.2134 1.2096 1.2078 1.2054 1.2047 1.1990 1.1971 1.1951 1.1939 1.1890 1.1853 1.1826 1.1812
+1.1771 1.1744 1.1689 1.1644 1.1615 1.1559 1.1507 1.1453 1.1387 1.1321 1.1243 1.1156 1.1088""".split()))
+
+
+def published_config(hp: Hyperparameters) -> bool:
+    """Model, batch, ITERATIONS, WARMDOWN_ITERS as published, full validation, no cap (any GPU count, LR shape)."""
+    ref, same = Hyperparameters(), ("train_batch_tokens", "iterations", "warmdown_iters", "max_wallclock_seconds",
+                                    "val_max_tokens")
+    return hp.model_signature() == ref.model_signature() and all(getattr(hp, k) == getattr(ref, k) for k in same)
+
+
+def ref_suffix(hp: Hyperparameters, step: int, val_bpb: float) -> str:
+    """' ref_val_bpb:R delta:D' for a validation line at a step of the published curve, in its configuration."""
+    ref = REF_VAL_BPB[step // 500] if step % 500 == 0 and step < 500 * len(REF_VAL_BPB) else None
+    return f" ref_val_bpb:{ref:.4f} delta:{round(val_bpb, 4) - ref:+.4f}" if ref and published_config(hp) else ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,12 +413,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def rope_angles(hp: Hyperparameters, seq_len: int, device) -> tuple[Tensor, Tensor]:
-    """cos/sin (T, ROPE_DIMS/2), recomputed per forward so no cache outlives an inference_mode block."""
-    half, base = hp.rope_dims // 2, hp.rope_base
-    if seq_len > hp.rope_train_seq_len and hp.rope_dims > 2:  # YaRN-style base stretch for longer windows
-        base = base * (seq_len / hp.rope_train_seq_len) ** (hp.rope_dims / (hp.rope_dims - 2))
-    inv_freq = 1.0 / base ** (torch.arange(0, hp.rope_dims, 2, dtype=torch.float32, device=device) / hp.rope_dims)
-    ang = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :half]
+    """cos/sin (T, dims/2), recomputed per forward so no cache outlives an inference_mode block. The published
+    model cast its frequency buffer to bf16 (ROPE_INV_FREQ=bf16); its YaRN branch recomputes them in fp32."""
+    dims, base, exact = hp.rope_dims or hp.head_dim, hp.rope_base, hp.rope_inv_freq == "fp32"
+    if seq_len > hp.rope_train_seq_len and dims > 2:  # YaRN-style base stretch for longer windows
+        base, exact = base * (seq_len / hp.rope_train_seq_len) ** (dims / (dims - 2)), True
+    inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims)
+    inv_freq = inv_freq if exact else inv_freq.bfloat16().float()
+    ang = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
     return ang.cos(), ang.sin()
 
 
@@ -488,12 +521,15 @@ class SmearGate(nn.Module):
 class ValueEmbedding(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
+        kv = hp.num_kv_heads * hp.head_dim
         self.embed = nn.Embedding(hp.vocab_size, hp.ve_dim)
-        self.proj = nn.Linear(hp.ve_dim, hp.num_kv_heads * hp.head_dim, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.01)  # drawn here, before GPT's init pass, as the published script
+        self.proj = nn.Linear(hp.ve_dim, kv, bias=False) if hp.ve_dim != kv else None  # none at the kv width
         self.scale = nn.Parameter(torch.tensor(0.1))
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.scale * self.proj(self.embed(ids))
+        e = self.embed(ids)
+        return self.scale * (e if self.proj is None else self.proj(e))
 
 
 class GPT(nn.Module):
@@ -517,18 +553,22 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """The published init pass (SPEC 4.10), drawing from the RNG in its order after the modules' own draws."""
         L = self.hp.num_layers
         nn.init.normal_(self.tok_emb.weight, std=self.hp.tied_embed_init_std)
         nn.init.zeros_(self.bigram_emb.embed.weight)
-        if self.ve_layers:
-            nn.init.normal_(self.ve_shared.embed.weight, std=0.01)
         for name, m in [(n, m) for n, m in self.named_modules() if isinstance(m, nn.Linear)]:
-            if name.endswith("attn.proj") or name.endswith("mlp.down_proj"):
+            big = min(m.weight.shape) >= 64  # ".proj": attn.proj and the BigramHash/VE projections (zero if small)
+            if name.endswith(("attn.proj", "mlp.down_proj")) or (name.endswith(".proj") and not big):
                 nn.init.zeros_(m.weight)
-            elif min(m.weight.shape) >= 64:
+            elif big:
                 nn.init.orthogonal_(m.weight)
                 if name.endswith(".proj"):  # the BigramHash and value-embedding projections
                     m.weight.mul_(1.0 / math.sqrt(2 * L))
+        if self.hp.compat_pr644:  # the published cast round trip: every value bf16-rounded, tok_emb kept in bf16
+            for p in self.parameters():
+                p.copy_(p.bfloat16())
+            self.tok_emb.bfloat16()
 
     def forward(self, ids: Tensor, targets: Tensor, score_from: int = 0) -> Tensor:
         """Per-position cross-entropy (float32, (B, T - score_from)) of targets[:, score_from:]."""
@@ -611,22 +651,22 @@ class Muon(torch.optim.Optimizer):
     Every rank keeps all momentum buffers (cheap, and checkpoints stay rank-independent); rank r
     orthogonalises matrices r, r+W, ... and one all-reduce sums the updates."""
 
-    def __init__(self, groups, momentum: float, steps: int, wd: float, ns=newton_schulz):
+    def __init__(self, groups, momentum: float, steps: int, wd: float, ns=newton_schulz, update_dtype=torch.float32):
         super().__init__(groups, dict(lr=0.0, momentum=momentum, steps=steps, wd=wd))
-        self.ns = ns
+        self.ns, self.update_dtype = ns, update_dtype  # bf16: the published script's update buffer (COMPAT_PR644)
 
     @torch.no_grad()
     def step(self):
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        flat = torch.zeros(sum(p.numel() for p, _ in params), dtype=torch.float32, device=params[0][0].device)
+        flat = torch.zeros(sum(p.numel() for p, _ in params), dtype=self.update_dtype, device=params[0][0].device)
         offset = 0
         for i, (p, g) in enumerate(params):
             buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
             buf.mul_(g["momentum"]).add_(p.grad)
             if i % world == rank:
                 u = self.ns(p.grad.add(buf, alpha=g["momentum"]), g["steps"])
-                flat[offset:offset + p.numel()] = u.flatten().float() * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                flat[offset:offset + p.numel()] = u.flatten().to(flat.dtype) * max(1.0, p.size(0) / p.size(1)) ** 0.5
             offset += p.numel()
         if world > 1:
             dist.all_reduce(flat)
@@ -647,24 +687,24 @@ def build_optimizers(hp: Hyperparameters, model: GPT) -> list[torch.optim.Optimi
     mk = lambda kind: [dict(params=ps, lr=lr, base_lr=lr) for (o, lr), ps in groups.items() if o == kind]
     fused = next(model.parameters()).is_cuda
     return [Muon(mk("muon"), hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
-                 torch.compile(newton_schulz) if fused and hp.compile != "0" else newton_schulz),
+                 torch.compile(newton_schulz) if fused and hp.compile != "0" else newton_schulz,
+                 torch.bfloat16 if hp.compat_pr644 else torch.float32),
             torch.optim.AdamW(mk("adam"), betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
                               fused=fused)]
 
 
 def lr_multiplier(hp: Hyperparameters, step: int, elapsed_ms: float = 0.0, step_ms: float = 0.0) -> float:
-    """Warm-up, plateau, then warm-down (cosine or linear) to 0 at ITERATIONS or at the wall-clock cap."""
+    """Warm-up, plateau, then warm-down (cosine or linear) to 0 at ITERATIONS or at the wall-clock cap. `left`,
+    the share of the warm-down still ahead, is computed as the published script computes its linear factor."""
     warm = min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps else 1.0
     if hp.max_wallclock_seconds > 0:
         left_ms = max(hp.max_wallclock_seconds * 1000 - elapsed_ms, 0.0)
         span_ms = hp.warmdown_iters * step_ms
-        progress = 1.0 - left_ms / span_ms if 0 < span_ms and left_ms < span_ms else 0.0
+        left = left_ms / span_ms if 0 < span_ms and left_ms < span_ms else 1.0
     else:
-        start = hp.iterations - hp.warmdown_iters
-        progress = (step - start) / hp.warmdown_iters if hp.warmdown_iters and step >= start else 0.0
-    progress = min(max(progress, 0.0), 1.0)
-    down = 0.5 * (1 + math.cos(math.pi * progress)) if hp.warmdown_shape == "cosine" else 1.0 - progress
-    return warm * down
+        left = (hp.iterations - step) / hp.warmdown_iters if hp.warmdown_iters else 1.0
+    left = min(max(left, 0.0), 1.0)
+    return warm * (0.5 * (1 - math.cos(math.pi * left)) if hp.warmdown_shape == "cosine" else left)
 
 
 def muon_momentum(hp: Hyperparameters, step: int) -> float:
@@ -718,18 +758,39 @@ def all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
         offset += p.numel()
 
 
+def batch_split(hp: Hyperparameters, world: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) on `world` processes: the largest micro-batch <= MICRO_BATCH_SEQS that
+    divides each rank's share of the global batch; refused only if the batch does not split into equal shares."""
+    T, seqs = hp.train_seq_len, hp.train_batch_tokens // hp.train_seq_len
+    if seqs % world:
+        near = " or ".join(str(n * T) for n in (seqs // world * world, seqs // world * world + world) if n)
+        raise UserError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} ({seqs} sequences of {T}) does not split over "
+                        f"{world} processes: use a multiple of {world * T}, e.g. TRAIN_BATCH_TOKENS={near}")
+    share = seqs // world
+    micro = max(m for m in range(1, min(hp.micro_batch_seqs, share) + 1) if share % m == 0)
+    return micro, share // micro
+
+
+def warn_short_ema(hp: Hyperparameters, rt: Runtime, step_ms: float = 0.0) -> None:
+    """At start (with a wall-clock cap: once the step time is known) warn if the EMA would keep > 5% of the init."""
+    wall = hp.max_wallclock_seconds > 0
+    steps = min(hp.iterations, hp.max_wallclock_seconds * 1000 / step_ms) if wall and step_ms else hp.iterations
+    kept = hp.ema_decay ** steps if hp.ema_decay > 0 and steps > 0 and wall == (step_ms > 0) else 0.0
+    if kept > 0.05:
+        rt.log(f"warning: EMA_DECAY^steps = {hp.ema_decay}^{steps:.0f} = {kept:.0%} of the initial weights stay in "
+               f"the final EMA weights; for a run this short use e.g. EMA_DECAY={max(1 - 10 / steps, 0):.4g}")
+
+
 class Trainer:
     def __init__(self, hp: Hyperparameters, rt: Runtime, model: GPT, stream: TokenStream):
         self.hp, self.rt, self.model, self.stream = hp, rt, model, stream
         self.opts = build_optimizers(hp, model)
         self.params = list(model.parameters())
+        owned = {id(p) for o in self.opts for g in o.param_groups for p in g["params"]}
+        # COMPAT_PR644: the published script clears only its optimizers' gradients (bigram_emb.scale's accumulates)
+        self.kept = [p for p in self.params if id(p) not in owned] if hp.compat_pr644 else []
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if hp.ema_decay > 0 else None
-        seqs = hp.train_batch_tokens // hp.train_seq_len
-        self.micro = min(hp.micro_batch_seqs, max(seqs // rt.world, 1))
-        if seqs % (rt.world * self.micro):
-            raise UserError(f"MICRO_BATCH_SEQS={hp.micro_batch_seqs}: {seqs} sequences per step do not split into "
-                            f"{rt.world} ranks x micro-batches of {self.micro}")
-        self.accum = seqs // (rt.world * self.micro)
+        self.micro, self.accum = batch_split(hp, rt.world)
         self.step, self.train_ms = 0, 0.0
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
 
@@ -739,6 +800,7 @@ class Trainer:
               "opts": [copy.deepcopy(o.state_dict()) for o in self.opts],
               "ema": self.ema and {k: v.clone() for k, v in self.ema.items()},
               "data": self.stream.state(), "step": self.step, "train_ms": self.train_ms,
+              "kept_grads": [None if p.grad is None else p.grad.clone() for p in self.kept],
               "rng": torch.get_rng_state(), "signature": json.dumps(self.hp.model_signature(), sort_keys=True)}
         if self.rt.device.type == "cuda":  # not on a GPU box run with DEVICE=cpu: that would open a CUDA context
             st["cuda_rng"] = torch.cuda.get_rng_state()
@@ -751,6 +813,8 @@ class Trainer:
         if self.ema is not None:
             self.ema = {k: v.clone().to(self.rt.device) for k, v in st["ema"].items()}
         self.stream.load_state(st["data"])
+        for p, g in zip(self.kept, st.get("kept_grads", [])):  # absent when priming restores (as published)
+            p.grad = None if g is None else g.clone().to(p.device)
         self.step, self.train_ms = int(st["step"]), float(st["train_ms"])
         torch.set_rng_state(st["rng"])
         if "cuda_rng" in st and self.rt.device.type == "cuda":
@@ -766,7 +830,7 @@ class Trainer:
             buf = buf.pin_memory().to(self.rt.device, non_blocking=True)
         return [(b[:-1].view(-1, T), b[1:].view(-1, T)) for b in buf]
 
-    def train_step(self, lr_mult: float) -> Tensor:
+    def train_step(self, lr_mult: float, priming: bool = False) -> Tensor:
         hp = self.hp
         total = torch.zeros((), device=self.rt.device)
         for x, y in self.next_batch():
@@ -775,16 +839,18 @@ class Trainer:
             (loss / self.accum).backward()
             total += loss.detach() / self.accum
         all_reduce_grads(self.params, self.rt.world)
-        if hp.grad_clip_norm > 0:
+        if hp.grad_clip_norm > 0 and not priming:  # the published priming steps neither clip
             torch.nn.utils.clip_grad_norm_(self.params, hp.grad_clip_norm)
-        mom = muon_momentum(hp, self.step)
+        mom = hp.muon_momentum if priming else muon_momentum(hp, self.step)  # nor warm the momentum up
         for opt in self.opts:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_mult
                 if isinstance(opt, Muon):
                     g["momentum"] = mom
             opt.step()
-        self.model.zero_grad(set_to_none=True)  # also the frozen role's grads: no stale norm in the next clip
+        for p in self.params:  # also the frozen role's grads (no stale norm in the next clip), unless kept
+            if all(p is not k for k in self.kept):
+                p.grad = None
         if self.ema is not None:
             with torch.no_grad():
                 cur = [v.float() for v in self.model.state_dict().values()]
@@ -805,16 +871,23 @@ class Trainer:
                             "is intact - lower the learning rates or resume from it")
 
     def prime(self) -> None:
-        """Untimed steps to warm up compilation, then restore every piece of state they touched."""
+        """Untimed steps to warm up compilation, run as the published script's (full LR, Muon's initial
+        momentum, no clip), then restore every piece of state they touched except the kept gradients."""
         if self.hp.prime_steps == 0 or self.hp.iterations == 0:
             return
         saved = self.state()
+        del saved["kept_grads"]
         t0 = time.perf_counter()
         for _ in range(self.hp.prime_steps):
-            self.train_step(lr_multiplier(self.hp, 0))
+            self.train_step(1.0, priming=True)
         self.load_state(saved)
         self.bad_step.fill_(-1)
         self.rt.log(f"prime_steps:{self.hp.prime_steps} prime_time:{(time.perf_counter() - t0):.1f}s (state restored)")
+
+    def apply_ema(self) -> None:
+        """Swap the EMA weights in, each cast to its tensor's training dtype (COMPAT_PR644's tok_emb stays bf16)."""
+        dtypes = {k: v.dtype for k, v in self.model.state_dict().items()}
+        load_weights(self.model, {k: v.to(dtypes[k]) for k, v in self.ema.items()}, "EMA weights")
 
     # -- checkpoints -----------------------------------------------------------------------------
     def checkpoint_dir(self) -> Path:
@@ -871,7 +944,8 @@ class Trainer:
                 self.train_ms = now_ms()
                 vloss, vbpb = evaluate(self.model)
                 rt.log(f"step:{self.step}/{hp.iterations} val_loss:{vloss:.4f} val_bpb:{vbpb:.4f} "
-                       f"train_time:{self.train_ms:.0f}ms step_avg:{self.train_ms / max(self.step, 1):.2f}ms")
+                       f"train_time:{self.train_ms:.0f}ms step_avg:{self.train_ms / max(self.step, 1):.2f}ms"
+                       f"{ref_suffix(hp, self.step, vbpb)}")
                 t_mark = time.perf_counter()
             if done:
                 break
@@ -884,6 +958,8 @@ class Trainer:
                 rt.log(f"step:{self.step}/{hp.iterations} train_loss:{lv:.4f} train_time:{now:.0f}ms "
                        f"step_avg:{avg:.2f}ms tok_s:{rate:.0f} eta:{(hp.iterations - self.step) * avg / 1000:.0f}s")
                 last = (self.step, now)
+                if self.step == hp.train_log_every:  # with a wall-clock cap the number of steps is known now
+                    warn_short_ema(hp, rt, avg)
             if hp.checkpoint_every and self.step % hp.checkpoint_every == 0:
                 self.train_ms = now_ms()
                 self.save_checkpoint()
@@ -1278,6 +1354,7 @@ def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tabl
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
     n_trainable = sum(p.numel() for p in trainable)
+    model.zero_grad(set_to_none=True)  # no gradient left over from training (COMPAT_PR644 keeps one)
     rt.log(f"ttt:start chunks:{n_chunks} windows:{len(starts)} chunk_tokens:{C} stride:{hp.eval_stride} "
            f"lr:{hp.ttt_lr} epochs:{hp.ttt_epochs} freeze_blocks:{hp.ttt_freeze_blocks} "
            f"params_trainable:{n_trainable} params_frozen:{sum(p.numel() for p in model.parameters()) - n_trainable}")
@@ -1339,7 +1416,7 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and not hp.dry_run and not dist.is_initialized():  # DRY_RUN=1 WORLD_SIZE=N: N's checks, one process
         dist.init_process_group("nccl" if kind == "cuda" else "gloo",
                                 **({"device_id": device} if kind == "cuda" else {}))
     return Runtime(rank=rank, world=world, device=device)
@@ -1402,11 +1479,17 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     val = load_validation(hp)
     train_files = [] if hp.eval_only else shard_files(hp.data_path, "train")
     stream = None if hp.eval_only else TokenStream(train_files)
+    split = batch_split(hp, rt.world) if stream else None
     model = GPT(hp).to(rt.device)
+    if hp.eval_only:
+        load_weights(model, dequantize_state_dict(read_artifact(hp.artifact)), f"artifact {hp.artifact}")
     n_params = sum(p.numel() for p in model.parameters())
     hp = hp if hp.dry_run else open_run_dir(hp, rt)
     log_header(hp, rt)
     rt.log(f"model_params:{n_params}")
+    if split:
+        rt.log(f"batch: global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{split[0]} grad_accum:{split[1]}")
+        warn_short_ema(hp, rt)
     if hp.dry_run:
         n_train = sum(len(s) for s in stream.shards) if stream else 0
         rt.log(f"data: train_shards:{len(train_files)} train_tokens:{n_train} "
@@ -1421,14 +1504,13 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
               "wallclock_seconds": 0}
     standard = None
     if hp.eval_only:
-        obj = read_artifact(hp.artifact)
-        load_weights(model, dequantize_state_dict(obj), f"artifact {hp.artifact}")
         result["bytes_model"] = len(Path(hp.artifact).read_bytes())
         rt.log(f"eval_only artifact:{hp.artifact} bytes:{result['bytes_model']}")
     else:
         trainer = Trainer(hp, rt, model, stream)
-        rt.log(f"batch: global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro} "
-               f"grad_accum:{trainer.accum}")
+        if hp.compat_pr644:
+            rt.log("compat_pr644:1 changes:bigram_scale_grad_never_cleared,bf16_initial_values,tok_emb_bf16,"
+                   "muon_update_bf16,no_lr_warmup,linear_warmdown")
         if hp.resume:
             trainer.resume()
         if trainer.step == 0:
@@ -1439,7 +1521,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
             rt.log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
                    f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
         if trainer.ema is not None:
-            load_weights(model, trainer.ema, "EMA weights")
+            trainer.apply_ema()
             rt.log("ema:applied")
         float_loss, float_bpb = evaluate(hp, rt, model, val, tables, 0)
         rt.log(f"float_eval val_loss:{float_loss:.8f} val_bpb:{float_bpb:.8f}")
@@ -1495,6 +1577,17 @@ def write_submission(hp: Hyperparameters, rt: Runtime, r: dict) -> None:
     rt.log(f"submission:{rt.run_dir / 'submission.json'}")
 
 
+def reports_error(rank: int) -> bool:
+    """Under torchrun every rank may hit the same error: rank 0 claims the report at once, others after a grace period
+    (torchrun stops them when rank 0 exits), so one rank's own error still shows; the first claim in torchrun's store
+    reports, the others stay silent."""
+    time.sleep(3.0 if rank else 0.0)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # not under torchrun: nobody else to ask
+        return True
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    return store.add(f"train_gpt_error_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", 1) == 1
+
+
 def main() -> int:
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head` ends quietly
@@ -1505,11 +1598,17 @@ def main() -> int:
         hp = Hyperparameters.from_env()
         rt = setup_runtime(hp)
         return run(hp, rt)
-    except UserError as e:
-        if rt.main if rt else os.environ.get("RANK", "0") == "0":  # one line, not one per rank
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            if rt is not None and rt.log_file is not None:
-                print(f"error: {e}", file=rt.log_file, flush=True)
+    except Exception as e:  # a UserError is one line, anything else its traceback; under torchrun once, not per rank
+        rank = int(os.environ.get("RANK", "0"))
+        if not reports_error(rank):
+            time.sleep(60)  # the reporting rank may still be printing: torchrun stops this process when it exits
+            return 2
+        if not isinstance(e, UserError):
+            raise
+        line = f"error: {f'rank {rank}: ' if rank else ''}{e}"  # another rank names itself (maybe its error alone)
+        print(line, file=sys.stderr, flush=True)
+        if rt is not None and rt.log_file is not None:
+            print(line, file=rt.log_file, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

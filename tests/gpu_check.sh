@@ -40,3 +40,4 @@ step eval_only 100 env "${run_knobs[@]}" RUN_ID=gpu_check_eval EVAL_ONLY=1 \
 grep -h "^final_int6_zstd-22_roundtrip_exact" "$OUT"/runs/gpu_check*/train.log | uniq -c | tee -a "$OUT/gpu_check.log"
 step bench_train 120 env BENCH_STEPS="${BENCH_STEPS:-10}" python3 tests/bench.py train
 step bench_ttt 150 env BENCH_SEED_CONFIG=1 VAL_MAX_TOKENS="${BENCH_VAL_TOKENS:-131073}" python3 tests/bench.py ttt
+step rope_probe 120 python3 tests/gpu_rope_probe.py  # issue 13: which RoPE table the compiled seed run used

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import MANIFEST, ROOT, SAMPLE, TOKENIZER, clean_env, tg
+from conftest import MANIFEST, ROOT, SAMPLE, TINY, TOKENIZER, clean_env, tg
 
 CORPUS_ENV = dict(DATA_PATH=str(SAMPLE), TOKENIZER_PATH=str(TOKENIZER))
 
@@ -249,3 +249,16 @@ def test_readme_knob_table_lists_every_knob_with_its_default():
         d = f.default
         shown = ("1" if d else "0") if isinstance(d, bool) else (d if d != "" else "—")
         assert f"| `{f.name.upper()}` | `{shown}` |" in readme, f.name
+
+
+def test_dry_run_checks_what_a_run_on_n_processes_needs(tmp_path, corpus):
+    """DRY_RUN=1 with WORLD_SIZE=N (run.sh's check before torchrun) splits the batch for N processes and reads the
+    artifact of an EVAL_ONLY run, in one process."""
+    hp = lambda **kw: tg.Hyperparameters.from_env({**TINY, "DRY_RUN": "1", **kw})
+    assert tg.run(hp(), tg.Runtime(world=4)) == 0
+    with pytest.raises(tg.UserError, match="does not split over 6 processes"):
+        tg.run(hp(), tg.Runtime(world=6))
+    bad = tmp_path / "bad.ptz"
+    bad.write_bytes(b"not an artifact")
+    with pytest.raises(tg.UserError, match=f"artifact {re.escape(str(bad))}: not a valid zstd stream"):
+        tg.run(hp(EVAL_ONLY="1", ARTIFACT=str(bad)), tg.Runtime(world=6))  # eval: no batch to split

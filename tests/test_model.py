@@ -68,23 +68,26 @@ def ref_buckets(ids: np.ndarray, n_buckets: int, bos_mask: bool) -> np.ndarray:
     return out
 
 
-def ref_rope(x: torch.Tensor, rope_dims: int, base: float) -> torch.Tensor:
-    """x (B, T, H, hd), float64 reference of the SPEC formula; angle_j(t) = t / base^(2j/rope_dims)."""
-    half = rope_dims // 2
+def ref_inv_freq(hp, T: int) -> torch.Tensor:
+    """SPEC 4.6 in float64: 1/base'^(2j/dims) (dims = ROPE_DIMS, 0 = the whole head; base' stretched by YaRN when
+    T > ROPE_TRAIN_SEQ_LEN), rounded to the nearest bf16 (ROPE_INV_FREQ=bf16) except in the YaRN branch."""
+    dims = hp.rope_dims or hp.head_dim
+    yarn = T > hp.rope_train_seq_len
+    base = hp.rope_base * (T / hp.rope_train_seq_len) ** (dims / (dims - 2)) if yarn else hp.rope_base
+    inv = 1.0 / base ** (2 * torch.arange(dims // 2, dtype=torch.float64) / dims)
+    return inv if yarn or hp.rope_inv_freq == "fp32" else inv.to(torch.bfloat16).double()
+
+
+def ref_rope(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, hd), float64 reference of the SPEC formula; angle_j(t) = t * inv_freq[j] on the first
+    2 * len(inv_freq) dims, pairs (j, j + half)."""
+    half = len(inv_freq)
     x = x.double()
-    T = x.size(1)
-    t = torch.arange(T, dtype=torch.float64)[:, None]
-    j = torch.arange(half, dtype=torch.float64)[None, :]
-    ang = t / base ** (2 * j / rope_dims)
+    t = torch.arange(x.size(1), dtype=torch.float64)[:, None]
+    ang = t * inv_freq.double()[None, :]
     cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
     a, b = x[..., :half], x[..., half:2 * half]
     return torch.cat([a * cos + b * sin, -a * sin + b * cos, x[..., 2 * half:]], dim=-1)
-
-
-def yarn_base(hp, T: int) -> float:
-    if T > hp.rope_train_seq_len:
-        return hp.rope_base * (T / hp.rope_train_seq_len) ** (hp.rope_dims / (hp.rope_dims - 2))
-    return hp.rope_base
 
 
 @torch.no_grad()
@@ -109,9 +112,10 @@ def reference_forward(sd: dict, hp, ids: torch.Tensor, targets: torch.Tensor) ->
     # value embeddings (shared), rope base
     ve_layers = [int(s) for s in hp.ve_layers.split(",") if s.strip()] if hp.ve_enabled else []
     ve = None
-    if ve_layers:
-        ve = sd["ve_shared.scale"] * (sd["ve_shared.embed.weight"][ids] @ sd["ve_shared.proj.weight"].T)
-    base = yarn_base(hp, T)
+    if ve_layers:  # no projection when VE_DIM equals the key/value width
+        ve = sd["ve_shared.embed.weight"][ids]
+        ve = sd["ve_shared.scale"] * (ve @ sd["ve_shared.proj.weight"].T if "ve_shared.proj.weight" in sd else ve)
+    inv_freq = ref_inv_freq(hp, T)
     n_enc = L // 2
     stack = []
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -132,8 +136,8 @@ def reference_forward(sd: dict, hp, ids: torch.Tensor, targets: torch.Tensor) ->
             v = v + ve * sd[f"ve_layer_scales.{ve_layers.index(i)}"]
         v = v.view(B, T, Hkv, hd)
         q, k = ref_rms(q), ref_rms(k)
-        q = ref_rope(q, hp.rope_dims, base).float()
-        k = ref_rope(k, hp.rope_dims, base).float()
+        q = ref_rope(q, inv_freq).float()
+        k = ref_rope(k, inv_freq).float()
         q = q * sd[p + "attn.q_gain"][None, None, :, None]
         rep = H // Hkv
         K, V = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
@@ -161,12 +165,14 @@ def reference_forward(sd: dict, hp, ids: torch.Tensor, targets: torch.Tensor) ->
 # reference forward: the model is pinned to SPEC section 4
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("T,bos_mask", [(48, 0), (48, 1), (200, 0)])
-def test_forward_matches_independent_reference(T, bos_mask):
+@pytest.mark.parametrize("T,kw", [(48, {}), (48, {"bos_mask": 1}), (200, {}), (48, {"rope_inv_freq": "fp32"}),
+                                  (48, {"rope_dims": 0, "ve_dim": 32})])
+def test_forward_matches_independent_reference(T, kw):
     """Per-position losses of tg.GPT == the SPEC forward written out in the test (randomized weights;
-    T=200 > ROPE_TRAIN_SEQ_LEN=128 exercises YaRN)."""
-    hp = tiny_hp(bos_mask=bos_mask)
-    model = randomize(tiny_model(bos_mask=bos_mask)).eval()
+    T=200 > ROPE_TRAIN_SEQ_LEN=128 exercises YaRN; bf16-rounded and exact RoPE frequencies; RoPE on the whole
+    head with a value embedding as wide as the key/value heads, so without projection)."""
+    hp = tiny_hp(**kw)
+    model = randomize(tiny_model(**kw)).eval()
     ids = rand_ids(2, T, seed=3, bos_at=(0, 7, 8, 30))
     tgt = rand_ids(2, T, seed=4, bos_at=())
     with torch.no_grad():
@@ -275,7 +281,7 @@ def test_rope_matches_formula_and_properties():
     cos, sin = tg.rope_angles(hp, T, "cpu")
     y = tg.apply_rope(x, cos, sin)
     # exact formula (float64 reference)
-    torch.testing.assert_close(y.double(), ref_rope(x, rd, hp.rope_base), atol=2e-5, rtol=0)
+    torch.testing.assert_close(y.double(), ref_rope(x, ref_inv_freq(hp, T)), atol=2e-5, rtol=0)
     # only the first ROPE_DIMS dims change
     assert torch.equal(y[..., rd:], x[..., rd:])
     assert (y[:, 1:, :, :rd] - x[:, 1:, :, :rd]).abs().max() > 0.1
@@ -305,14 +311,46 @@ def test_rope_relative_position():
     assert abs(dot(3, 0) - dot(0, 0)) > 1e-3
 
 
+def test_rope_bf16_frequencies_at_the_seed_config():
+    """ROPE_INV_FREQ=bf16 (the default) at the seed's shape (16 dims, base 10,000, T 2,048): the angle at position 1
+    is each inverse frequency, 1/base^(2j/16) rounded to the nearest bf16 (e.g. 10000^-1/4 = 0.1 -> 0.10009765625);
+    the table is t times it, t exact. The rounding moves the phase at distance 2,047 by up to ~0.37 rad (pair 1)."""
+    hp = tg.Hyperparameters.from_env({})
+    T = hp.train_seq_len
+    assert (hp.rope_inv_freq, hp.rope_dims, T) == ("bf16", 16, 2048)
+    cos, sin = tg.rope_angles(hp, T, "cpu")
+    want = ref_inv_freq(hp, T)
+    assert float(want[2]) == 0.10009765625
+    torch.testing.assert_close(torch.atan2(sin[1], cos[1]).double(), want, atol=1e-7, rtol=0)
+    t = torch.arange(T, dtype=torch.float64)[:, None]
+    torch.testing.assert_close(cos.double(), (t * want).cos(), atol=3e-4, rtol=0)  # fp32 angles up to 2,047 rad
+    torch.testing.assert_close(sin.double(), (t * want).sin(), atol=3e-4, rtol=0)
+    phase = (T - 1) * (want - 1 / hp.rope_base ** (torch.arange(8, dtype=torch.float64) / 8)).abs()
+    assert 0.36 < phase.max() < 0.37 and int(phase.argmax()) == 1
+
+
+def test_rope_dims_zero_rotates_the_whole_head():
+    hp = tiny_hp(rope_dims=0)  # head dim 16
+    T = 32
+    cos, sin = tg.rope_angles(hp, T, "cpu")
+    assert cos.shape == (T, hp.head_dim // 2)
+    x = torch.randn(1, T, 2, hp.head_dim, generator=torch.Generator().manual_seed(33))
+    y = tg.apply_rope(x, cos, sin)
+    torch.testing.assert_close(y.double(), ref_rope(x, ref_inv_freq(hp, T)), atol=2e-5, rtol=0)
+    assert (y[..., -1] - x[..., -1]).abs().max() > 1e-3  # the last dim turns too (ROPE_DIMS=16 would leave it)
+
+
 @pytest.mark.parametrize("T", [64, 128, 256, 512])
-def test_rope_angles_yarn(T):
-    """seq_len <= ROPE_TRAIN_SEQ_LEN: plain base; above it base' = base * (T/train)^(rd/(rd-2))."""
-    hp = tiny_hp(rope_dims=8, rope_train_seq_len=128)
+@pytest.mark.parametrize("inv", ["bf16", "fp32"])
+def test_rope_angles_yarn(T, inv):
+    """seq_len <= ROPE_TRAIN_SEQ_LEN: plain base (frequencies bf16-rounded unless ROPE_INV_FREQ=fp32); above it
+    base' = base * (T/train)^(rd/(rd-2)) with frequencies in fp32, unrounded, whatever ROPE_INV_FREQ says."""
+    hp = tiny_hp(rope_dims=8, rope_train_seq_len=128, rope_inv_freq=inv)
     cos, sin = tg.rope_angles(hp, T, "cpu")
     base = hp.rope_base if T <= 128 else hp.rope_base * (T / 128) ** (8 / 6)
     t = torch.arange(T, dtype=torch.float64)[:, None]
-    ang = t / base ** (2 * torch.arange(4, dtype=torch.float64)[None, :] / 8)
+    freq = 1 / base ** (2 * torch.arange(4, dtype=torch.float64)[None, :] / 8)
+    ang = t * (freq.to(torch.bfloat16).double() if T <= 128 and inv == "bf16" else freq)
     assert cos.shape == (T, 4) and sin.shape == (T, 4)
     torch.testing.assert_close(cos.double(), ang.cos(), atol=1e-4, rtol=0)
     torch.testing.assert_close(sin.double(), ang.sin(), atol=1e-4, rtol=0)
@@ -410,7 +448,7 @@ def test_model_bos_isolation_of_x0(bos_mask):
 
 def test_init():
     L = 4
-    hp_kw = dict(model_dim=128, num_heads=4, num_kv_heads=2, bigram_embed_dim=64, ve_dim=64, mlp_hidden=256,
+    hp_kw = dict(model_dim=128, num_heads=4, num_kv_heads=2, bigram_embed_dim=64, ve_dim=128, mlp_hidden=256,
                  tied_embed_init_std=0.02)
     model = tiny_model(seed=3, **hp_kw)
     sd = model.state_dict()
@@ -435,13 +473,76 @@ def test_init():
     assert abs(te.std().item() - 0.02) < 0.02 * 0.03 and abs(te.mean().item()) < 1e-3
     bp = sd["bigram_emb.proj.weight"]  # 128x64: orthogonal columns, x 1/sqrt(2L)
     torch.testing.assert_close(bp.T @ bp, eye(64) / (2 * L), atol=1e-4, rtol=0)
-    vp = sd["ve_shared.proj.weight"]  # 64x64
+    vp = sd["ve_shared.proj.weight"]  # 64x128: orthogonal rows
     torch.testing.assert_close(vp @ vp.T, eye(64) / (2 * L), atol=1e-4, rtol=0)
     assert abs(sd["ve_shared.embed.weight"].std().item() - 0.01) < 0.01 * 0.05
     assert float(sd["bigram_emb.scale"]) == pytest.approx(0.05)
     assert float(sd["ve_shared.scale"]) == pytest.approx(0.1)
     assert all((sd[f"ve_layer_scales.{k}"] == 1).all() for k in range(2))
     assert (sd["smear_gate.gate"] == 0).all() and (sd["skip_gates"] == 0).all() and (sd["skip_weights"] == 1).all()
+
+
+def published_init(hp, seed: int, through_tok_emb: bool = False) -> dict:
+    """The published script's initial weights, drawn independently in its order: PyTorch's default init of each
+    module as it is built (Embedding N(0, 1), Linear kaiming-uniform; the VE table redrawn N(0, 0.01) right after
+    it is built), then the init pass: tok_emb N(0, std); per linear layer in module order attn.proj/down_proj zero,
+    both dims >= 64 orthogonal (the BigramHash/VE projections x 1/sqrt(2L)), a BigramHash/VE projection with a dim
+    < 64 zero, any other layer keeps its default init. The bigram table is zero."""
+    torch.manual_seed(seed)
+    d, kv, nn = hp.model_dim, hp.num_kv_heads * hp.head_dim, torch.nn
+    w = {"tok_emb.weight": nn.Embedding(hp.vocab_size, d).weight,
+         "bigram_emb.embed.weight": nn.Embedding(hp.bigram_buckets, hp.bigram_embed_dim).weight,
+         "bigram_emb.proj.weight": nn.Linear(hp.bigram_embed_dim, d, bias=False).weight}
+    for i in range(hp.num_layers):
+        for n, (a, b) in (("attn.c_q", (d, d)), ("attn.c_k", (d, kv)), ("attn.c_v", (d, kv)), ("attn.proj", (d, d)),
+                          ("mlp.up_proj", (d, hp.mlp_hidden)), ("mlp.down_proj", (hp.mlp_hidden, d))):
+            w[f"blocks.{i}.{n}.weight"] = nn.Linear(a, b, bias=False).weight
+    if hp.ve_layer_list:
+        w["ve_shared.embed.weight"] = nn.init.normal_(nn.Embedding(hp.vocab_size, hp.ve_dim).weight, std=0.01)
+        if hp.ve_dim != kv:  # none at the key/value width
+            w["ve_shared.proj.weight"] = nn.Linear(hp.ve_dim, kv, bias=False).weight
+    with torch.no_grad():
+        nn.init.normal_(w["tok_emb.weight"], std=hp.tied_embed_init_std)
+        w["bigram_emb.embed.weight"].zero_()
+        for name, t in list(w.items())[2:] if not through_tok_emb else ():
+            small_proj = name in ("bigram_emb.proj.weight", "ve_shared.proj.weight") and min(t.shape) < 64
+            if name.endswith(("attn.proj.weight", "mlp.down_proj.weight")) or small_proj:
+                t.zero_()
+            elif name != "ve_shared.embed.weight" and min(t.shape) >= 64:
+                nn.init.orthogonal_(t)
+                if name in ("bigram_emb.proj.weight", "ve_shared.proj.weight"):
+                    t.mul_(1 / math.sqrt(2 * hp.num_layers))
+    return {k: v.detach() for k, v in w.items()}
+
+
+@pytest.mark.parametrize("kw", [{}, dict(model_dim=128, num_heads=4, bigram_embed_dim=64, ve_dim=128, mlp_hidden=256),
+                                {"ve_dim": 32}])
+def test_init_is_the_published_draw_order(kw):
+    """Same SEED -> the published script's initial weights, bit for bit: the tiny config (BigramHash/VE
+    projections narrower than 64: zero), one where both are orthogonal, and VE as wide as the kv heads (no
+    projection, so no ve_shared.proj in the state dict)."""
+    hp = tiny_hp(**kw)
+    want, got = published_init(hp, 9), tiny_model(seed=9, **kw).state_dict()
+    assert ("ve_shared.proj.weight" in got) == (hp.ve_dim != hp.num_kv_heads * hp.head_dim)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    assert all("weight" not in k or k == "skip_weights" for k in set(got) - set(want))  # every drawn tensor checked
+    if not kw:
+        assert not got["bigram_emb.proj.weight"].any() and not got["ve_shared.proj.weight"].any()
+
+
+def test_init_default_config_is_the_published_draw_order():
+    """The seed's config (27,030,108 parameters, as the published code builds): tok_emb and the VE table are the
+    published draws for the same SEED (every construction draw precedes them), the projections orthogonal / sqrt(22)."""
+    hp = tg.Hyperparameters.from_env({})
+    torch.manual_seed(hp.seed)
+    sd = tg.GPT(hp).state_dict()
+    assert sum(v.numel() for v in sd.values()) == 27_030_108
+    want = published_init(hp, hp.seed, through_tok_emb=True)
+    for k in ("tok_emb.weight", "ve_shared.embed.weight", "bigram_emb.embed.weight"):
+        assert torch.equal(sd[k], want[k]), k
+    for k, n in (("bigram_emb.proj.weight", 128), ("ve_shared.proj.weight", 128)):
+        torch.testing.assert_close(sd[k].T @ sd[k], torch.eye(n) / 22, atol=1e-5, rtol=0)
 
 
 def test_init_is_seeded():

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import math
 import re
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,6 +117,30 @@ def test_muon_two_steps_match_reference(use_default_ns):
                 assert (p.detach() - ref_p[i]).abs().max() < 0.02 * lrs[group_of[i]]
             else:
                 torch.testing.assert_close(p.detach(), ref_p[i], atol=1e-6, rtol=1e-6)
+
+
+def test_muon_bf16_update_buffer():
+    """COMPAT_PR644 (update_dtype=bf16): the Newton-Schulz output times sqrt(max(1, rows/cols)) is rounded in bf16
+    and held in a bf16 buffer before it is applied; the default keeps that product in fp32. The 48x16 matrix
+    (factor sqrt(3)) shows the difference."""
+    lr, m, wd = 0.05, 0.9, 0.1
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        params, grads = _muon_setup()
+        opt = tg.Muon([dict(params=params, lr=lr)], momentum=m, steps=5, wd=wd, update_dtype=dtype)
+        for p, gr in zip(params, grads[0]):
+            p.grad = gr.clone()
+        want = [p.detach().clone() for p in params]
+        opt.step()
+        for i, gr in enumerate(grads[0]):
+            u = tg.newton_schulz(gr.add(gr, alpha=m), 5)  # momentum buffer after one step = the gradient
+            assert u.dtype == torch.bfloat16
+            f = math.sqrt(max(1.0, gr.shape[0] / gr.shape[1]))
+            upd = (u * f).float() if dtype == torch.bfloat16 else u.float() * f
+            want[i].mul_(1 - lr * wd).add_(upd, alpha=-lr)
+            assert torch.equal(params[i].detach(), want[i]), (dtype, i)
+        out[dtype] = params[0].detach()
+    assert not torch.equal(out[torch.bfloat16], out[torch.float32])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,14 +368,33 @@ def test_prime_really_trains_then_undoes(corpus):
     seen = {}
     orig = tr.train_step
 
-    def spy(lr):
-        out = orig(lr)
+    def spy(lr, **kw):
+        out = orig(lr, **kw)
         seen["w"] = snapshot(tr.model)
         return out
     tr.train_step = spy
     tr.prime()
     assert not torch.equal(seen["w"]["blocks.0.attn.c_q.weight"], w0["blocks.0.attn.c_q.weight"])
     assert torch.equal(snapshot(tr.model)["blocks.0.attn.c_q.weight"], w0["blocks.0.attn.c_q.weight"])
+
+
+def test_priming_is_the_published_warmup(corpus, monkeypatch):
+    """Priming steps run as the published script's warm-up: LR multiplier 1, Muon at MUON_MOMENTUM (no momentum
+    warm-up), no gradient clip. The steps after it clip and warm the momentum up from 0.92."""
+    tr = make_trainer(seed=1, prime_steps=2, grad_clip_norm=0.3)
+    clips, seen = [], []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clips.append(1) or torch.tensor(1.0))
+    real = tg.Muon.step
+
+    def spy(self):
+        g = self.param_groups[0]
+        seen.append((g["momentum"], g["lr"] / g["base_lr"]))
+        return real(self)
+    monkeypatch.setattr(tg.Muon, "step", spy)
+    tr.prime()
+    assert clips == [] and seen == [(0.99, 1.0), (0.99, 1.0)]
+    tr.train_step(tg.lr_multiplier(tr.hp, 0))
+    assert clips == [1] and seen[-1][0] == pytest.approx(0.92) and seen[-1][1] == pytest.approx(0.5)
 
 
 def test_non_finite_loss_raises_with_step(corpus):
@@ -363,3 +408,169 @@ def test_non_finite_loss_raises_with_step(corpus):
     tr.train_step(1.0)  # the first bad step is the one reported
     with pytest.raises(tg.UserError, match=r"\bstep 2\b"):
         tr.check_finite()
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step, written out
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("clip", [0.05, 0.0])
+def test_train_step_matches_hand_written_steps(corpus, monkeypatch, clip):
+    """Two train_steps of 2 micro-batches against SPEC 5 written out: the gradient of the mean loss over the whole
+    batch (accumulation scaling), clipped over all parameters to GRAD_CLIP_NORM (what the optimizers see then has
+    exactly that norm; with the clip off, the raw gradient), AdamW and Muon by role with LR = base x lr_mult
+    (decoder blocks x2), Muon momentum from its warm-up at each step (0.5, then 0.7)."""
+    monkeypatch.setattr(tg, "newton_schulz", ref_ns_exact)  # float64 Newton-Schulz: no bf16 rounding flips
+    tr = make_trainer(seed=5, ema_decay=0, grad_clip_norm=clip, matrix_lr=MATRIX_LR, scalar_lr=SCALAR_LR,
+                      tied_embed_lr=EMBED_LR, muon_momentum_warmup_start=0.5, muon_momentum=0.9,
+                      muon_momentum_warmup_steps=2)
+    hp, model = tr.hp, tr.model
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # wake the zero-initialised projections, so every matrix gets a gradient
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    seen = []
+    tr.opts[0].register_step_pre_hook(lambda *_: seen.append({k: p.grad.clone() for k, p in
+                                                                 model.named_parameters() if p.grad is not None}))
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ref = dict(start)
+    state = {k: [torch.zeros_like(v), torch.zeros_like(v)] for k, v in ref.items()}  # Adam m, v / Muon buffer
+    tokens = torch.from_numpy(np.fromfile(sorted(SAMPLE.glob("fineweb_train_*.bin"))[0], "<u2", offset=1024)[:1028]
+                              .astype(np.int64)).view(2, 2, 2 * 128 + 1)  # step, micro-step, 2 sequences + 1
+    for step, lr_mult in enumerate((1.0, 0.5)):
+        x = torch.cat([t[:-1].view(2, 128) for t in tokens[step]])
+        y = torch.cat([t[1:].view(2, 128) for t in tokens[step]])
+        params = {k: v.clone().requires_grad_() for k, v in ref.items()}
+        loss = torch.func.functional_call(model, params, (x, y)).mean()  # all 4 sequences at once
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        norm = math.sqrt(sum(float(v.square().sum()) for v in grads.values()))
+        scale = min(1.0, clip / (norm + 1e-6)) if clip else 1.0
+        mom = 0.5 + 0.4 * min(step / 2, 1.0)
+        for k, gr in grads.items():
+            gr, route = gr * scale, expected_route(k, hp.num_layers // 2)
+            if route is None:
+                continue
+            kind, lr = route[0], route[1] * lr_mult
+            w, (a, b) = ref[k] * (1 - lr * 0.04), state[k]
+            if kind == "adam":
+                a.mul_(0.9).add_(0.1 * gr)
+                b.mul_(0.95).add_(0.05 * gr * gr)
+                ref[k] = w - lr * (a / (1 - 0.9 ** (step + 1))) / ((b / (1 - 0.95 ** (step + 1))).sqrt() + 1e-8)
+            else:
+                a.mul_(mom).add_(gr)
+                ref[k] = w - lr * ref_ns_exact(gr + mom * a, 5) * math.sqrt(max(1.0, w.size(0) / w.size(1)))
+        tr.train_step(lr_mult)
+        got = seen[-1]
+        assert set(got) == set(grads)
+        for k, gr in grads.items():
+            assert float((got[k] - gr * scale).norm()) <= 1e-4 * float((gr * scale).norm()) + 1e-12, k
+        got_norm = math.sqrt(sum(float(v.square().sum()) for v in got.values()))
+        assert got_norm == pytest.approx(min(norm, clip or norm), rel=1e-5)
+        assert norm > 2 * clip  # so the clip really acts when it is on
+    assert len(seen) == 2
+    for k, p in model.named_parameters():
+        err, moved = float((p.detach() - ref[k]).norm()), float((ref[k] - start[k]).norm())
+        assert (moved == 0) == (k == "bigram_emb.scale"), k
+        assert err <= 1e-3 * moved + 1e-9, (k, err, moved)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch split over processes
+# ----------------------------------------------------------------------------------------------
+
+SEED = dict(train_batch_tokens=786432, train_seq_len=2048, rope_train_seq_len=2048, micro_batch_seqs=48)
+SEED_SPLITS = {1: (48, 8), 2: (48, 4), 3: (32, 4), 4: (48, 2), 6: (32, 2), 8: (48, 1)}  # the README's table
+
+
+def test_batch_split_of_the_seed_batch_for_1_to_8_processes():
+    """384 sequences: the largest micro-batch <= 48 dividing each rank's share; 5 and 7 processes cannot share
+    384 sequences equally and are refused with the nearest global batches that do split."""
+    hp = tiny_hp(**SEED)
+    assert {w: tg.batch_split(hp, w) for w in SEED_SPLITS} == SEED_SPLITS
+    for world, near in ((5, (380, 385)), (7, (378, 385))):
+        with pytest.raises(tg.UserError) as info:
+            tg.batch_split(hp, world)
+        msg = str(info.value)
+        assert f"does not split over {world} processes" in msg, msg
+        assert msg.endswith(f"TRAIN_BATCH_TOKENS={near[0] * 2048} or {near[1] * 2048}"), msg
+        for seqs in near:
+            micro, accum = tg.batch_split(tiny_hp(**{**SEED, "train_batch_tokens": seqs * 2048}), world)
+            assert micro * accum * world == seqs and micro <= 48
+
+
+def test_batch_split_small_batches_and_micro_batches():
+    T = 128
+    def split(seqs, micro, world):
+        return tg.batch_split(tiny_hp(train_batch_tokens=seqs * T, micro_batch_seqs=micro), world)
+    assert split(60, 48, 1) == (30, 2)  # refused before: 48 does not divide 60
+    assert split(16, 48, 4) == (4, 1) and split(16, 5, 1) == (4, 4) and split(14, 4, 2) == (1, 7)
+    with pytest.raises(tg.UserError, match=r"multiple of 768, e\.g\. TRAIN_BATCH_TOKENS=1536 or 2304$"):
+        split(16, 16, 6)
+    with pytest.raises(tg.UserError, match=r"TRAIN_BATCH_TOKENS=1024$"):  # fewer sequences than processes
+        split(2, 16, 8)
+
+
+class CountingStream:
+    """A stream whose token at stream position i is i: each batch shows which span it came from."""
+
+    def __init__(self):
+        self.pos = 0
+
+    def take(self, n):
+        self.pos += n
+        return np.arange(self.pos - n, self.pos)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_seed_data_order_on_1_2_4_8_processes_is_unchanged(world):
+    """The order before the split changed, written out: each step reads one contiguous span of 8 pieces of
+    48 x 2048 + 1 tokens, and micro-step a of rank r gets piece a * world + r."""
+    hp = tiny_hp(**SEED)
+    model = tiny_model()
+    n = 48 * 2048 + 1
+    for rank in range(world):
+        tr = tg.Trainer(hp, tg.Runtime(rank=rank, world=world), model, CountingStream())
+        assert (tr.micro, tr.accum) == (48, 8 // world)
+        for step in range(2):
+            batch = tr.next_batch()
+            assert len(batch) == 8 // world
+            for a, (x, y) in enumerate(batch):
+                start = step * 8 * n + (a * world + rank) * n
+                assert torch.equal(x.flatten(), torch.arange(start, start + n - 1))
+                assert torch.equal(y.flatten(), torch.arange(start + 1, start + n)) and x.shape == (48, 2048)
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA on short runs
+# ----------------------------------------------------------------------------------------------
+
+def logged(hp, step_ms=0.0) -> list[str]:
+    lines = []
+    tg.warn_short_ema(hp, SimpleNamespace(log=lines.append), step_ms)
+    return lines
+
+
+def test_short_run_ema_warning():
+    """EMA_DECAY^steps > 5%: the final EMA weights would still be that much the random init: one line, with a decay
+    that fits (1 - 10/steps). 0.997^1000 = 4.96% is fine, 0.997^900 = 6.7% is not."""
+    [line] = logged(tiny_hp(iterations=200, warmdown_iters=100, ema_decay=0.997))
+    assert line == ("warning: EMA_DECAY^steps = 0.997^200 = 55% of the initial weights stay in the final EMA "
+                    "weights; for a run this short use e.g. EMA_DECAY=0.95")
+    assert "0.997^900 = 7%" in logged(tiny_hp(iterations=900, warmdown_iters=100, ema_decay=0.997))[0]
+    for quiet in (dict(iterations=1000), dict(iterations=200, ema_decay=0.98), dict(iterations=200, ema_decay=0),
+                  dict(iterations=0, warmdown_iters=0)):
+        assert logged(tiny_hp(**{"warmdown_iters": 100, "ema_decay": 0.997, **quiet})) == [], quiet
+    # with a wall-clock cap: nothing at start; once the step time is known, the estimated steps decide
+    wall = tiny_hp(iterations=25000, warmdown_iters=100, ema_decay=0.997, max_wallclock_seconds=60)
+    assert logged(wall) == [] and logged(wall, step_ms=1.0) == []  # 60,000 steps, capped at 25,000
+    assert "0.997^120 = 70%" in logged(wall, step_ms=500.0)[0]
+
+
+def test_training_loop_checks_the_ema_once_the_step_time_is_known(corpus, monkeypatch):
+    """In wall-clock mode the number of steps is only known once steps have been timed: the loop hands the step
+    time of its first logged step to the check above, once."""
+    calls = []
+    monkeypatch.setattr(tg, "warn_short_ema", lambda hp, rt, step_ms=0.0: calls.append((tr.step, step_ms)))
+    tr = make_trainer(iterations=4, warmdown_iters=2, train_log_every=2)  # logs at steps 2 and 4
+    tr.run(lambda m: (0.0, 0.0))
+    assert len(calls) == 1 and calls[0][0] == 2 and calls[0][1] > 0, calls

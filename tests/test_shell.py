@@ -22,7 +22,8 @@ REPO = "willdepueoai/parameter-golf"
 def project_copy(tmp_path: Path) -> Path:
     dest = tmp_path / "project"
     (dest / "tests").mkdir(parents=True)
-    for name in ("run.sh", "train_gpt.py", "requirements.txt", "tests/corpus.py"):
+    for name in ("run.sh", "train_gpt.py", "requirements.txt", "tests/corpus.py", "tests/compare.py",
+                 "tests/pr644_ttt_curve.tsv"):
         shutil.copy2(ROOT / name, dest / name)
     return dest
 
@@ -187,3 +188,27 @@ def test_train_launches_torchrun_for_several_processes(tmp_path, corpus):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "world_size:2" in r.stdout and final_line(r.stdout)
     assert (project / "runs/ddp/final_model.int6.ptz").is_file()
+
+
+def test_several_processes_refuse_before_launch_and_report_a_rank_error_once(tmp_path, corpus):
+    """NPROC>1: run.sh first makes every check one process can (DRY_RUN=1 WORLD_SIZE=N): a refusal is train_gpt.py's
+    one line and no torchrun worker ever starts. After the launch, an error of one rank alone (rank 1 finds no
+    tokenizer) is that rank's one line, without torchrun's log lines or ChildFailedError traceback."""
+    project = project_copy(tmp_path)
+    hook = tmp_path / "hook"  # marks that a torchrun worker started; takes rank 1's tokenizer away
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        f"import os\nif 'RANK' in os.environ:\n    open({str(hook / 'launched')!r}, 'a').close()\n"
+        "if os.environ.get('RANK') == '1':\n    os.environ['TOKENIZER_PATH'] = '/nowhere/tokenizer.model'\n")
+    no_train = tmp_path / "no_train"
+    no_train.mkdir()
+    shutil.copy2(SAMPLE / "fineweb_val_000000.bin", no_train)
+    r = run_sh(project, "train", **{**TINY, "NPROC": "6", "DATA_PATH": str(no_train), "PYTHONPATH": str(hook)})
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: no fineweb_train_*.bin shards in DATA_PATH={no_train}\n")
+    assert not (hook / "launched").exists()
+
+    r = run_sh(project, "train", **{**TINY, "NPROC": "2", "PYTHONPATH": str(hook), "RUN_ID": "r"})
+    assert r.returncode == 2 and r.stderr.startswith("error: rank 1: TOKENIZER_PATH=/nowhere/tokenizer.model does not"), \
+        r.stderr[-3000:]
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert (hook / "launched").exists() and not (project / "runs/r/final_model.pt").exists()

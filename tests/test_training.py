@@ -207,6 +207,15 @@ def test_loss_falls(run_a):
     assert v[16] < v[8], v
 
 
+def test_short_run_warns_about_its_ema_at_start(run_a):
+    """Run A's EMA (0.9 over 16 steps) keeps 0.9^16 = 19% of the random init in the final weights: said at start."""
+    lines = run_a[1].stdout.splitlines()
+    warned = [i for i, l in enumerate(lines) if l.startswith("warning: EMA_DECAY^steps")]
+    assert len(warned) == 1 and lines[warned[0] - 1].startswith("batch:"), warned
+    line = lines[warned[0]]
+    assert line.startswith("warning: EMA_DECAY^steps = 0.9^16 = 19% ") and line.endswith("EMA_DECAY=0.375"), line
+
+
 # ---------------------------------------------------------------------------------------------- 1. kill and resume
 
 def test_sigkill_then_resume_equals_uninterrupted(run_a, runs):
@@ -348,6 +357,27 @@ def test_wallclock_cap_follows_rank_0s_clock(tmp_path):
     plain = ok(run_script({**cfg, "RUN_ID": "plain"}, torchrun=2, timeout=150))
     assert '"training_steps": 6' in (tmp_path / "runs/skewed/submission.json").read_text()
     assert final_line(skewed.stdout) == final_line(plain.stdout)
+
+
+def test_an_error_every_rank_hits_is_shown_once_with_6_processes(tmp_path):
+    """16 sequences do not split over 6 processes, and every rank finds that out. Only rank 0 used to print it; when
+    the others exited first, torchrun killed rank 0 before it printed (the line was lost in ~1 launch of 3). Here
+    rank 0 is held back 5 s after joining the process group, the order that lost the line (the old code: 0 lines
+    every time); ranks 1-5 then wait 3 s for it and all claim the report: exactly one of them may print it."""
+    hook = tmp_path / "late0"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('RANK') == '0':\n    import time, torch.distributed as dist\n"
+        "    init = dist.init_process_group\n"
+        "    dist.init_process_group = lambda *a, **k: (init(*a, **k), time.sleep(5))[0]\n")
+    r = run_script({**TINY, "RUNS_DIR": str(tmp_path / "runs"), "PYTHONPATH": str(hook)}, torchrun=6, timeout=240)
+    errors = [l for l in (r.stdout + r.stderr).splitlines() if l.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1, (r.stdout + r.stderr)[-3000:]
+    want = re.escape("TRAIN_BATCH_TOKENS=2048 (16 sequences of 128) does not split over 6 processes: use a multiple "
+                     "of 768, e.g. TRAIN_BATCH_TOKENS=1536 or 2304")
+    assert re.fullmatch(rf"error: (rank [1-5]: )?{want}", errors[0]), errors  # the first claim (rank 0 if in time)
+    assert 'train_gpt.py", line' not in r.stderr  # no worker traceback (torchrun's own follows, run directly)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_two_process_torchrun_equals_grad_accumulation(tmp_path):
