@@ -90,7 +90,7 @@ def test_byte_target_never_over_and_within_one_percent(trained, mult):
     assert 0.99 * budget <= n <= budget, (n, budget)
 
 
-@pytest.mark.parametrize("slope,mult", [(1.3, 1.2), (0.7, 1.3)])
+@pytest.mark.parametrize("slope,mult", [(1.3, 1.2), (0.7, 1.1)])
 def test_byte_target_holds_when_the_estimate_is_off_by_a_factor(trained, monkeypatch, slope, mult):
     """The histogram estimate's error varies with the grids (on the real tokenizer's sample the search once landed
     1.2% under the target, correcting its estimate by a constant). Here every compressed byte above 80% of the
