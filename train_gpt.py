@@ -1496,8 +1496,9 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         rt.log(f"data: train_shards:{len(train_files)} train_tokens:{n_train} "
                f"val_tokens:{len(val)} tokenizer:{hp.tokenizer_path}")
         return 0
-    if rt.compile:  # a graph per (batch, score_from, grad mode, frozen set): the model needs 4 (training, 2 for
-        # scoring, TTT's step); Muon's Newton-Schulz a few (matrix shapes); EVAL_ONLY 3
+    # A graph per (batch, score_from, grad mode, frozen set): training's step, scoring from position 0, sliding
+    # scoring, TTT's step; Newton-Schulz a few (matrix shapes). The run logs the count at its end.
+    if rt.compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
     code_bytes = len(Path(__file__).read_bytes())
