@@ -405,8 +405,9 @@ def rms(x: Tensor) -> Tensor:
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention on (B, T, H, hd) tensors; query head h reads kv head h // (H/Hkv)."""
-    fa3 = _fa3 is not None and not torch.compiler.is_compiling() and q.is_cuda  # FA3 is not traced: eager only
-    if fa3 and torch.cuda.get_device_capability(q.device)[0] == 9:  # and its kernels are Hopper-only
+    # FA3: eager only (not traced), bf16 only (AUTOCAST=off keeps attention in float32), Hopper only
+    fa3 = _fa3 is not None and not torch.compiler.is_compiling() and q.is_cuda and torch.is_autocast_enabled("cuda")
+    if fa3 and torch.cuda.get_device_capability(q.device)[0] == 9:
         out = _fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
         return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,

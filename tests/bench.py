@@ -82,9 +82,10 @@ def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
                f"peak_mem_mib:{mem:.0f} params:{sum(p.numel() for p in model.parameters())}")
 
 
-def straightforward_ttt(hp, model, val: torch.Tensor, tables) -> tuple[float, float]:
+def straightforward_ttt(hp, rt, model, val: torch.Tensor, tables) -> tuple[float, float]:
     """The same protocol written plainly: per-window slices, full logits for every position, then the
-    scored targets picked out; training as in the seed. The reference our TTT is timed against."""
+    scored targets picked out; training as in the seed. The reference our TTT is timed against (forwards
+    under the run's autocast, as ours)."""
     T, C, stride = hp.train_seq_len, hp.ttt_chunk_tokens, hp.eval_stride
     n_targets = len(val) - 1
     base, space, boundary = tables
@@ -113,7 +114,8 @@ def straightforward_ttt(hp, model, val: torch.Tensor, tables) -> tuple[float, fl
                     w = val[s:s + T + 1]
                     seqs.append(torch.cat([w, w.new_zeros(T + 1 - len(w))]))
                 g = torch.stack(seqs)
-                losses = model(g[:, :-1], g[:, 1:])  # every position's loss (full head)
+                with rt.autocast():
+                    losses = model(g[:, :-1], g[:, 1:])  # every position's loss (full head)
                 for r, (s, off) in enumerate(batch):
                     end = min(T, n_targets - s)
                     x, y = g[r, off:end], g[r, off + 1:end + 1]
@@ -130,7 +132,9 @@ def straightforward_ttt(hp, model, val: torch.Tensor, tables) -> tuple[float, fl
             for b in range(0, n_seq, hp.ttt_batch_seqs):
                 xs = torch.stack([val[c0 + k * T:c0 + k * T + T] for k in range(b, min(b + hp.ttt_batch_seqs, n_seq))])
                 ys = torch.stack([val[c0 + k * T + 1:c0 + k * T + T + 1] for k in range(b, min(b + hp.ttt_batch_seqs, n_seq))])
-                model(xs, ys).mean().backward()
+                with rt.autocast():
+                    loss = model(xs, ys).mean()
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
                 opt.step()
                 opt.zero_grad()
@@ -169,8 +173,7 @@ def bench_ttt() -> None:
     tg.ttt_evaluate(hp, rt, model, head, tables)
     t_warm = time.perf_counter() - t0
     if use_ref:
-        with rt.autocast():
-            straightforward_ttt(hp, model, head, tables)
+        straightforward_ttt(hp, rt, model, head, tables)
     model.load_state_dict(init)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -180,8 +183,7 @@ def bench_ttt() -> None:
     mem = peak_mib()  # scoring batches and TTT steps of our TTT at these knobs
     model.load_state_dict(init)
     t0 = time.perf_counter()
-    with rt.autocast():
-        ref = straightforward_ttt(hp, model, val, tables) if use_ref else (math.nan,) * 2
+    ref = straightforward_ttt(hp, rt, model, val, tables) if use_ref else (math.nan,) * 2
     t_ref = time.perf_counter() - t0
     n_chunks = math.ceil((len(val) - 1) / hp.ttt_chunk_tokens)
     step_seqs = min(hp.ttt_batch_seqs, hp.ttt_chunk_tokens // hp.train_seq_len)  # the seed's: 16 of 32 (a chunk)
