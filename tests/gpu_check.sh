@@ -22,7 +22,8 @@
 #   mkdir -p device && cp -r ../shared/fixtures device/ && python3 -m pip download --no-deps --only-binary=:all: \
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d device zstandard
 # then run `tests/gpu_check.sh` there with device/ carried (it is git-ignored). Any knob can be overridden through the
-# environment (e.g. tiny knobs to try this script on a CPU, with COMPILE=1 AUTOCAST=bf16 for the GPU's path).
+# environment (e.g. tiny knobs to try this script on a CPU, with COMPILE=1 AUTOCAST=bf16 for the GPU's path and
+# TORCH_COMPILE_OVERRIDE_BACKENDS='>=0:aot_eager' to skip inductor's C++ builds: then 2-3 min on 2 cores).
 # Output: stdout and $OUT/gpu_check.log (after step 3: each run's device/autocast line, graph count, final line).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -46,7 +46,8 @@ def test_bf16_autocast_on_the_cpu_runs_matmuls_in_bf16_and_keeps_the_loss_in_flo
     model.tok_emb.weight.data = model.tok_emb.weight.data.bfloat16()  # as loaded from the seed's artifact
     with torch.no_grad(), tg.Runtime(bf16=True).autocast():
         seed_style = model(x, x)
-    assert seed_style.dtype == torch.float32 and torch.isfinite(seed_style).all()
+    assert seed_style.dtype == torch.float32
+    torch.testing.assert_close(seed_style, loss.detach(), atol=0.05, rtol=0.02)
 
 
 COMPILE_LINE = re.compile(r"^compile: graphs:(\d+) graph_breaks:(\d+)$", re.M)
