@@ -145,6 +145,8 @@ class Hyperparameters:
     artifact: str = knob("", "artifact (.ptz) for EVAL_ONLY")
     device: str = knob("auto", "compute device", choices=("auto", "cpu", "cuda"))
     compile: str = knob("auto", "torch.compile the model (auto = on CUDA)", choices=("auto", "0", "1"))
+    autocast: str = knob("auto", "bf16 autocast of every forward (auto = on CUDA; off = float32/TF32)",
+                         choices=("auto", "bf16", "off"))
     submission_author: str = knob("", "author field of submission.json")
     submission_github_id: str = knob("", "github_id field of submission.json")
 
@@ -403,8 +405,9 @@ def rms(x: Tensor) -> Tensor:
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal attention on (B, T, H, hd) tensors; query head h reads kv head h // (H/Hkv)."""
-    fa3 = _fa3 is not None and not torch.compiler.is_compiling() and q.is_cuda  # FA3 is not traced: eager only
-    if fa3 and torch.cuda.get_device_capability(q.device)[0] == 9:  # and its kernels are Hopper-only
+    # FA3: eager only (not traced), bf16 only (AUTOCAST=off keeps attention in float32), Hopper only
+    fa3 = _fa3 is not None and not torch.compiler.is_compiling() and q.is_cuda and torch.is_autocast_enabled("cuda")
+    if fa3 and torch.cuda.get_device_capability(q.device)[0] == 9:
         out = _fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
         return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
@@ -676,7 +679,7 @@ class Muon(torch.optim.Optimizer):
             offset += p.numel()
 
 
-def build_optimizers(hp: Hyperparameters, model: GPT) -> list[torch.optim.Optimizer]:
+def build_optimizers(hp: Hyperparameters, model: GPT, compile_ns: bool = False) -> list[torch.optim.Optimizer]:
     groups: dict[tuple[str, float], list] = {}
     params = dict(model.named_parameters())
     for name, (role, block) in param_roles(model).items():
@@ -687,7 +690,7 @@ def build_optimizers(hp: Hyperparameters, model: GPT) -> list[torch.optim.Optimi
     mk = lambda kind: [dict(params=ps, lr=lr, base_lr=lr) for (o, lr), ps in groups.items() if o == kind]
     fused = next(model.parameters()).is_cuda
     return [Muon(mk("muon"), hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
-                 torch.compile(newton_schulz) if fused and hp.compile != "0" else newton_schulz,
+                 torch.compile(newton_schulz) if compile_ns else newton_schulz,
                  torch.bfloat16 if hp.compat_pr644 else torch.float32),
             torch.optim.AdamW(mk("adam"), betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
                               fused=fused)]
@@ -721,11 +724,13 @@ def muon_momentum(hp: Hyperparameters, step: int) -> float:
 
 @dataclass
 class Runtime:
-    """Process-level facts: distributed rank, device, autocast, the compiled forward and the log."""
+    """Process-level facts: distributed rank, device, compilation, autocast, the compiled forward and the log."""
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
     compiled: object = None
+    compile: bool = False
+    bf16: bool = False
     run_dir: Path | None = None
     log_file: object = None
 
@@ -733,8 +738,8 @@ class Runtime:
     def main(self) -> bool:
         return self.rank == 0
 
-    def autocast(self):  # bf16 on CUDA; float32 on the CPU
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+    def autocast(self):  # AUTOCAST: the one place that sets the precision of forwards (training, scoring, TTT)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def log(self, msg: str) -> None:
         if self.main:
@@ -784,7 +789,7 @@ def warn_short_ema(hp: Hyperparameters, rt: Runtime, step_ms: float = 0.0) -> No
 class Trainer:
     def __init__(self, hp: Hyperparameters, rt: Runtime, model: GPT, stream: TokenStream):
         self.hp, self.rt, self.model, self.stream = hp, rt, model, stream
-        self.opts = build_optimizers(hp, model)
+        self.opts = build_optimizers(hp, model, rt.compile)
         self.params = list(model.parameters())
         owned = {id(p) for o in self.opts for g in o.param_groups for p in g["params"]}
         # COMPAT_PR644: the published script clears only its optimizers' gradients (bigram_emb.scale's accumulates)
@@ -1349,10 +1354,8 @@ def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tabl
     chunk_of = (starts + offs) // C
     n_chunks = int(chunk_of[-1]) + 1
     bounds = torch.searchsorted(chunk_of, torch.arange(n_chunks + 1)).tolist()
-    frozen = {id(p) for b in model.blocks[:hp.ttt_freeze_blocks] for p in b.parameters()}
-    trainable = [p for p in model.parameters() if id(p) not in frozen]
-    for p in model.parameters():
-        p.requires_grad_(id(p) not in frozen)
+    frozen = [p for b in model.blocks[:hp.ttt_freeze_blocks] for p in b.parameters()]
+    trainable = [p for p in model.parameters() if all(p is not q for q in frozen)]
     n_trainable = sum(p.numel() for p in trainable)
     model.zero_grad(set_to_none=True)  # no gradient left over from training (COMPAT_PR644 keeps one)
     rt.log(f"ttt:start chunks:{n_chunks} windows:{len(starts)} chunk_tokens:{C} stride:{hp.eval_stride} "
@@ -1370,6 +1373,8 @@ def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tabl
         n_seq = (c1 - c0) // T
         if ci < n_chunks - 1 and hp.ttt_epochs > 0 and n_seq > 0:
             model.train()
+            for p in frozen:  # frozen only while training: scoring reuses the plain evaluation's compiled graph
+                p.requires_grad_(False)
             opt.param_groups[0]["lr"] = hp.ttt_lr * ttt_lr_multiplier(ci, n_chunks)
             for _ in range(hp.ttt_epochs):
                 for b in range(0, n_seq, hp.ttt_batch_seqs):
@@ -1387,13 +1392,13 @@ def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tabl
                         torch.nn.utils.clip_grad_norm_(trainable, hp.ttt_grad_clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+            for p in frozen:
+                p.requires_grad_(True)
         if (ci + 1) % every == 0 or ci == n_chunks - 1:
             _, bpb = meter.result()
             rate = (ci + 1) / (time.perf_counter() - t0)
             rt.log(f"ttt_chunk:{ci + 1}/{n_chunks} running_val_bpb:{bpb:.6f} chunks_per_s:{rate:.2f} "
                    f"eta:{(n_chunks - ci - 1) / rate:.0f}s")
-    for p in model.parameters():
-        p.requires_grad_(True)
     model.train()
     return meter.result()
 
@@ -1419,7 +1424,9 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
     if world > 1 and not hp.dry_run and not dist.is_initialized():  # DRY_RUN=1 WORLD_SIZE=N: N's checks, one process
         dist.init_process_group("nccl" if kind == "cuda" else "gloo",
                                 **({"device_id": device} if kind == "cuda" else {}))
-    return Runtime(rank=rank, world=world, device=device)
+    use_compile = hp.compile == "1" or (hp.compile == "auto" and kind == "cuda")
+    use_bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and kind == "cuda")
+    return Runtime(rank=rank, world=world, device=device, compile=use_compile, bf16=use_bf16)
 
 
 def open_run_dir(hp: Hyperparameters, rt: Runtime) -> Hyperparameters:
@@ -1446,7 +1453,8 @@ def log_header(hp: Hyperparameters, rt: Runtime) -> None:
     dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu
     rt.log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
            f"cuda:{torch.version.cuda} flash_attn3:{'eager_on_hopper' if _fa3 else 'absent'}")
-    rt.log(f"device:{rt.device.type} name:{dev} world_size:{rt.world} cpu_threads:{torch.get_num_threads()}")
+    rt.log(f"device:{rt.device.type} name:{dev} world_size:{rt.world} cpu_threads:{torch.get_num_threads()} "
+           f"autocast:{'bf16' if rt.bf16 else 'off'}")
 
 
 def final_evaluation(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tables, standard=None) -> dict:
@@ -1495,10 +1503,11 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         rt.log(f"data: train_shards:{len(train_files)} train_tokens:{n_train} "
                f"val_tokens:{len(val)} tokenizer:{hp.tokenizer_path}")
         return 0
-    use_compile = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
-    if use_compile:  # one graph per (batch, score_from, grad mode, frozen set): training, evals and TTT need ~8
+    # A graph per (batch, score_from, grad mode, frozen set): training's step, scoring from position 0, sliding
+    # scoring, TTT's step; Newton-Schulz a few (matrix shapes). The run logs the count at its end.
+    if rt.compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-    rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if use_compile else model
+    rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
     code_bytes = len(Path(__file__).read_bytes())
     result = {"bytes_code": code_bytes, "parameters": n_params, "seed": hp.seed, "training_steps": 0,
               "wallclock_seconds": 0}
@@ -1552,6 +1561,9 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     rt.log(f"bytes_model:{result['bytes_model']} bytes_code:{code_bytes} bytes_total:{result['bytes_total']} "
            f"limit:{hp.artifact_limit_bytes}")
     result.update(final_evaluation(hp, rt, model, val, tables, standard))
+    if rt.compile:  # dynamo's own counters; more graphs for more data would mean a recompile per chunk or length
+        stats = torch._dynamo.utils.counters
+        rt.log(f"compile: graphs:{stats['stats']['unique_graphs']} graph_breaks:{sum(stats['graph_break'].values())}")
     if rt.main:
         write_submission(hp, rt, result)
     if rt.world > 1:

@@ -41,11 +41,14 @@ def machine() -> str:
     return f"cpu:{os.cpu_count()}cores threads:{torch.get_num_threads()} torch:{torch.__version__}"
 
 
-def compile_like_a_run(hp, rt, model) -> bool:
+def compile_like_a_run(rt, model) -> bool:
     """rt.compiled as train_gpt.run sets it (COMPILE=auto: compiled on CUDA only); whether it compiled."""
-    use = hp.compile == "1" or (hp.compile == "auto" and rt.device.type == "cuda")
-    rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if use else model
-    return use
+    rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
+    return rt.compile
+
+
+def peak_mib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
 
 
 def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
@@ -57,7 +60,7 @@ def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
         rt = tg.setup_runtime(hp)
         torch.manual_seed(hp.seed)
         model = tg.GPT(hp).to(rt.device)
-        use_compile = compile_like_a_run(hp, rt, model)
+        use_compile = compile_like_a_run(rt, model)
         trainer = tg.Trainer(hp, rt, model, tg.TokenStream(tg.shard_files(hp.data_path, "train")))
         t0 = time.perf_counter()
         for _ in range(max(hp.prime_steps, 2)):
@@ -73,15 +76,17 @@ def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
         sync()
         dt = (time.perf_counter() - t0) / steps
         tok_s = hp.train_batch_tokens / dt
-        mem = torch.cuda.max_memory_allocated() / 2**20 if rt.device.type == "cuda" else float("nan")
+        mem = peak_mib()
         rt.log(f"bench_train machine:{machine()} world:{rt.world} micro_batch_seqs:{trainer.micro} accum:{trainer.accum} "
+               f"autocast:{'bf16' if rt.bf16 else 'off'} compile:{use_compile} "
                f"warmup_s:{warm:.1f} step_ms:{dt * 1000:.1f} tok_s:{tok_s:.0f} tok_s_per_device:{tok_s / rt.world:.0f} "
                f"peak_mem_mib:{mem:.0f} params:{sum(p.numel() for p in model.parameters())}")
 
 
-def straightforward_ttt(hp, model, val: torch.Tensor, tables) -> tuple[float, float]:
+def straightforward_ttt(hp, rt, model, val: torch.Tensor, tables) -> tuple[float, float]:
     """The same protocol written plainly: per-window slices, full logits for every position, then the
-    scored targets picked out; training as in the seed. The reference our TTT is timed against."""
+    scored targets picked out; training as in the seed. The reference our TTT is timed against (forwards
+    under the run's autocast, as ours)."""
     T, C, stride = hp.train_seq_len, hp.ttt_chunk_tokens, hp.eval_stride
     n_targets = len(val) - 1
     base, space, boundary = tables
@@ -110,7 +115,8 @@ def straightforward_ttt(hp, model, val: torch.Tensor, tables) -> tuple[float, fl
                     w = val[s:s + T + 1]
                     seqs.append(torch.cat([w, w.new_zeros(T + 1 - len(w))]))
                 g = torch.stack(seqs)
-                losses = model(g[:, :-1], g[:, 1:])  # every position's loss (full head)
+                with rt.autocast():
+                    losses = model(g[:, :-1], g[:, 1:])  # every position's loss (full head)
                 for r, (s, off) in enumerate(batch):
                     end = min(T, n_targets - s)
                     x, y = g[r, off:end], g[r, off + 1:end + 1]
@@ -127,7 +133,9 @@ def straightforward_ttt(hp, model, val: torch.Tensor, tables) -> tuple[float, fl
             for b in range(0, n_seq, hp.ttt_batch_seqs):
                 xs = torch.stack([val[c0 + k * T:c0 + k * T + T] for k in range(b, min(b + hp.ttt_batch_seqs, n_seq))])
                 ys = torch.stack([val[c0 + k * T + 1:c0 + k * T + T + 1] for k in range(b, min(b + hp.ttt_batch_seqs, n_seq))])
-                model(xs, ys).mean().backward()
+                with rt.autocast():
+                    loss = model(xs, ys).mean()
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
                 opt.step()
                 opt.zero_grad()
@@ -144,7 +152,8 @@ def bench_ttt() -> None:
                NUM_LAYERS="6", MODEL_DIM="256", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_HIDDEN="768", VE_LAYERS="4,5",
                XSA_LAYERS="2", TRAIN_SEQ_LEN="512", ROPE_TRAIN_SEQ_LEN="512", EVAL_STRIDE="64", TTT_CHUNK_TOKENS="4096",
                TTT_EPOCHS="2", TTT_BATCH_SEQS="8", EVAL_BATCH_SEQS="16", VAL_MAX_TOKENS="24577")
-    env.update({k: v for k, v in os.environ.items() if k in env or k == "COMPILE" or k.startswith(("TTT_", "EVAL_"))})
+    env.update({k: v for k, v in os.environ.items() if k in env or k in ("COMPILE", "AUTOCAST")
+                or k.startswith(("TTT_", "EVAL_"))})
     # BENCH_SEED_CONFIG=1: the seed's model and every knob from the environment (GPU: a slice of FineWeb val)
     hp = tg.Hyperparameters.from_env(None if os.environ.get("BENCH_SEED_CONFIG") == "1" else env)
     rt = tg.setup_runtime(hp)
@@ -158,27 +167,32 @@ def bench_ttt() -> None:
             if p.ndim == 2:
                 p.normal_(0, 0.5 / math.sqrt(p.size(1)))
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    use_compile = compile_like_a_run(hp, rt, model)
+    use_compile = compile_like_a_run(rt, model)
     use_ref = os.environ.get("BENCH_REF", "1") == "1"
     t0 = time.perf_counter()  # warm-up on two chunks, both ways: first-call costs (and compilation) not timed
     head = val[:2 * hp.ttt_chunk_tokens + 1]
     tg.ttt_evaluate(hp, rt, model, head, tables)
     t_warm = time.perf_counter() - t0
     if use_ref:
-        straightforward_ttt(hp, model, head, tables)
+        straightforward_ttt(hp, rt, model, head, tables)
     model.load_state_dict(init)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     ours = tg.ttt_evaluate(hp, rt, model, val, tables)
     t_ours = time.perf_counter() - t0
+    mem = peak_mib()  # scoring batches and TTT steps of our TTT at these knobs
     model.load_state_dict(init)
     t0 = time.perf_counter()
-    ref = straightforward_ttt(hp, model, val, tables) if use_ref else (math.nan,) * 2
+    ref = straightforward_ttt(hp, rt, model, val, tables) if use_ref else (math.nan,) * 2
     t_ref = time.perf_counter() - t0
     n_chunks = math.ceil((len(val) - 1) / hp.ttt_chunk_tokens)
+    step_seqs = min(hp.ttt_batch_seqs, hp.ttt_chunk_tokens // hp.train_seq_len)  # the seed's: 16 of 32 (a chunk)
     print(f"bench_ttt_extrapolation full_split_chunks:1893 measured_chunks:{n_chunks} "
           f"full_split_s_this_device:{t_ours / n_chunks * 1893:.0f} (divide by the GPU count for a node)")
     print(f"bench_ttt machine:{machine()} params:{sum(p.numel() for p in model.parameters())} val_tokens:{len(val)} "
           f"seq_len:{hp.train_seq_len} stride:{hp.eval_stride} epochs:{hp.ttt_epochs} compile:{use_compile} "
+          f"autocast:{'bf16' if rt.bf16 else 'off'} peak_mem_mib:{mem:.0f} ttt_step_seqs:{step_seqs} "
           f"ours_warmup_s:{t_warm:.2f} ours_s:{t_ours:.2f} "
           f"straightforward_s:{t_ref:.2f} ratio:{t_ours / t_ref:.3f} ours_bpb:{ours[1]:.8f} ref_bpb:{ref[1]:.8f}")
 

@@ -1,0 +1,84 @@
+"""The GPU path exercised on the CPU: bf16 autocast (AUTOCAST) and the compiled pipeline (COMPILE=1), so the
+first GPU run can only fail on what is truly GPU-specific. The compiled run uses dynamo and AOTAutograd with
+the run's own torch.compile(fullgraph=True, dynamic=False) call; inductor's C++ code generation is swapped for
+AOTAutograd's eager backend (TORCH_COMPILE_OVERRIDE_BACKENDS), because inductor needs minutes per graph on two
+cores. TEST_COMPILE_BACKEND=inductor runs the test with inductor (several minutes)."""
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from conftest import TINY, final_line, run_script, tg, tiny_hp, tiny_model
+
+
+@pytest.mark.parametrize("knob, on_cpu", [("auto", False), ("bf16", True), ("off", False)])
+def test_autocast_knob_resolves_per_device(knob, on_cpu):
+    assert tg.setup_runtime(tiny_hp(autocast=knob, device="cpu")).bf16 is on_cpu
+
+
+def test_bf16_autocast_on_the_cpu_runs_matmuls_in_bf16_and_keeps_the_loss_in_float32():
+    """Runtime.autocast is the one place: under AUTOCAST=bf16 the CPU takes the CUDA path's dtype handling
+    (linear layers and attention in bf16, the softcapped head and the loss in float32, float32 gradients),
+    including a seed artifact's bf16 tok_emb."""
+    model = tiny_model(seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randint(0, 1024, (2, 128), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    for name in ("attn.c_q", "mlp.down_proj"):
+        model.blocks[1].get_submodule(name).register_forward_hook(lambda m, i, o, n=name: seen.update({n: o.dtype}))
+    fp32 = model(x, x)
+    assert seen == {"attn.c_q": torch.float32, "mlp.down_proj": torch.float32}
+    seen.clear()
+    with tg.Runtime(bf16=True).autocast():
+        loss = model(x, x)
+    assert seen == {"attn.c_q": torch.bfloat16, "mlp.down_proj": torch.bfloat16}
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, fp32, atol=0.05, rtol=0.02)  # bf16 rounding, not another model
+    assert not torch.equal(loss, fp32)
+    loss.mean().backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+    model.tok_emb.weight.data = model.tok_emb.weight.data.bfloat16()  # as loaded from the seed's artifact
+    with torch.no_grad(), tg.Runtime(bf16=True).autocast():
+        seed_style = model(x, x)
+    assert seed_style.dtype == torch.float32
+    torch.testing.assert_close(seed_style, loss.detach(), atol=0.05, rtol=0.02)
+
+
+COMPILE_LINE = re.compile(r"^compile: graphs:(\d+) graph_breaks:(\d+)$", re.M)
+CHUNKS_LINE = re.compile(r"^ttt:start chunks:(\d+) ", re.M)
+
+
+def test_compiled_bf16_pipeline_has_no_graph_breaks_and_a_graph_count_independent_of_length(tmp_path):
+    """COMPILE=1 AUTOCAST=bf16: train -> artifact -> TTT over 6 chunks; EVAL_ONLY of the artifact prints the
+    same final line. Dynamo's counters (logged by the run) show no graph breaks, and EVAL_ONLY compiles the
+    same 3 graphs (scoring from position 0, sliding scoring, the TTT step) for 6 and 10 chunks: a graph per
+    chunk or per validation length would cost minutes per graph on the real split."""
+    backend = os.environ.get("TEST_COMPILE_BACKEND", "aot_eager")
+    env = dict(TINY, NUM_LAYERS="2", VE_LAYERS="1", XSA_LAYERS="1", TTT_FREEZE_BLOCKS="1",  # half the tracing
+               COMPILE="1", AUTOCAST="bf16", RUNS_DIR=str(tmp_path), TORCH_COMPILE_OVERRIDE_BACKENDS=f">=0:{backend}")
+    train = run_script(dict(env, RUN_ID="train"), timeout=1200)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "autocast:bf16" in train.stdout
+    artifact = tmp_path / "train" / "final_model.int6.ptz"
+    lengths = (int(TINY["VAL_MAX_TOKENS"]), 10_000)
+    with ThreadPoolExecutor(2) as pool:  # the two evaluations share the two cores
+        evals = list(pool.map(lambda n: run_script(dict(env, RUN_ID=f"eval_{n}", EVAL_ONLY="1", ARTIFACT=str(artifact),
+                                                        VAL_MAX_TOKENS=str(n)), timeout=1200), lengths))
+    for r in evals:
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert final_line(evals[0].stdout) == final_line(train.stdout)
+    chunks = [int(CHUNKS_LINE.search(r.stdout).group(1)) for r in evals]
+    assert chunks[0] >= 6 and chunks[1] > chunks[0]
+    (g_train, b_train), (g_a, b_a), (g_b, b_b) = [map(int, COMPILE_LINE.search(r.stdout).groups())
+                                                  for r in (train, *evals)]
+    print(f"compiled graphs: training run {g_train}; EVAL_ONLY at {lengths[0]} tokens ({chunks[0]} TTT chunks) "
+          f"{g_a}, at {lengths[1]} tokens ({chunks[1]} chunks) {g_b}")
+    assert b_train == b_a == b_b == 0
+    assert g_a == g_b == 3, "EVAL_ONLY: one graph per scoring variant (score_from 0, sliding) + the TTT step"
+    assert g_train <= 4 + 6, "training adds its step's graph and Newton-Schulz's (one per matrix shape at most)"
