@@ -21,17 +21,19 @@ setup() {  # a virtualenv that reuses an already installed torch (e.g. the CUDA 
       python3 -m venv --system-site-packages --without-pip "$VENV"
     }
   fi
-  if ! "$PY" -c "import torch" 2>/dev/null; then
-    pip_install "${TORCH_SPEC:-torch==2.13.0}"
-  fi
-  "$PY" -c "import numpy, sentencepiece, zstandard" 2>/dev/null || pip_install -r requirements.txt
+  has torch || pip_install "${TORCH_SPEC:-torch==2.13.0}"
+  has numpy sentencepiece zstandard || pip_install -r requirements.txt
   if [ "${1:-}" = test ]; then
-    "$PY" -c "import pytest" 2>/dev/null || pip_install pytest
-    "$PY" -c "import huggingface_hub" 2>/dev/null || pip_install huggingface_hub ||
+    has pytest || pip_install pytest
+    has huggingface_hub || pip_install huggingface_hub ||
       echo "run.sh: huggingface_hub could not be installed; the tests of './run.sh data' will be skipped" >&2
-    "$PY" -c "import matplotlib" 2>/dev/null || pip_install matplotlib ||
+    has matplotlib || pip_install matplotlib ||
       echo "run.sh: matplotlib could not be installed; the picture tests of './run.sh compare' will be skipped" >&2
   fi
+}
+
+has() {  # the packages are installed (found, not imported: importing torch alone takes seconds, on every call)
+  "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" "$@" 2>/dev/null
 }
 
 pip_install() {
@@ -98,7 +100,7 @@ case "$cmd" in
     ;;
   data)
     setup
-    "$PY" -c "import huggingface_hub" 2>/dev/null || pip_install huggingface_hub
+    has huggingface_hub || pip_install huggingface_hub
     "$PY" - "${1:-80}" <<'PYEOF'
 # Resumable download of the challenge's sp1024 data into data/hf (HF_ENDPOINT is honoured), linked into
 # the layout train_gpt.py reads (data/datasets/fineweb10B_sp1024, data/tokenizers); then every file is
@@ -175,7 +177,7 @@ PYEOF
     ;;
   compare)
     setup
-    "$PY" -c "import matplotlib" 2>/dev/null || (pip_install --retries 1 --timeout 10 matplotlib) ||
+    has matplotlib || (pip_install --retries 1 --timeout 10 matplotlib) ||
       echo "run.sh: matplotlib could not be installed; compare prints its table without the picture" >&2
     exec "$PY" tests/compare.py "$@"
     ;;
