@@ -30,9 +30,32 @@ def project_copy(tmp_path: Path) -> Path:
 
 def run_sh(project: Path, *args: str, timeout: int = 300, **env) -> subprocess.CompletedProcess:
     """./run.sh with this interpreter's environment as its 'virtualenv' (nothing gets installed)."""
+    cmd, opts = sh_command(project, *args, **env)
+    return subprocess.run(cmd, **opts, capture_output=True, text=True, timeout=timeout)
+
+
+def sh_command(project: Path, *args: str, **env) -> tuple[list, dict]:
     full = clean_env(VENV=sys.prefix, HF_HOME=project / ".hf_home", HF_HUB_DISABLE_TELEMETRY=1, **env)
-    return subprocess.run(["bash", str(project / "run.sh"), *args], cwd=project, env=full, capture_output=True,
-                          text=True, timeout=timeout)
+    return ["bash", str(project / "run.sh"), *args], dict(cwd=project, env=full)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def smoke(tmp_path_factory, corpus):
+    """`./run.sh smoke` (fewer steps) in its own project copy, started with this file's first test so that it runs
+    alongside the `data` tests (one process each); test_smoke_then_eval_reproduces_its_final_line checks it. The
+    copy holds an older smoke folder: a stale shard and a file of the user's."""
+    project = project_copy(tmp_path_factory.mktemp("smoke"))
+    smoke_data = project / "runs/smoke_data"
+    smoke_data.mkdir(parents=True)
+    (smoke_data / "fineweb_val_000000.bin").write_bytes(b"from an older run.sh")
+    (smoke_data / "notes.txt").write_text("mine")
+    knobs = dict(ITERATIONS="8", WARMDOWN_ITERS="4", VAL_LOSS_EVERY="0", TTT_EPOCHS="1", VAL_MAX_TOKENS="4096",
+                 RUN_ID="first")
+    cmd, opts = sh_command(project, "smoke", **knobs)
+    proc = subprocess.Popen(cmd, **opts, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield project, proc
+    proc.kill()
+    proc.communicate()
 
 
 class FakeHub:
@@ -152,18 +175,14 @@ def test_data_failures_are_one_line_and_keep_what_is_there(tmp_path, hub):
     assert "could not download" in r.stderr and "rerun ./run.sh data 2 to resume" in r.stderr
 
 
-def test_smoke_then_eval_reproduces_its_final_line(tmp_path, corpus):
+def test_smoke_then_eval_reproduces_its_final_line(smoke, corpus):
     """The README's first command (fewer steps), then `./run.sh eval` of the artifact it wrote: the knobs
     come from the run's train.log, so the final line is the same. The smoke's data is the test suite's corpus
     (one generator, same bytes), written over an older smoke folder without touching files of others."""
-    project = project_copy(tmp_path)
+    project, proc = smoke
+    stdout, stderr = proc.communicate(timeout=600)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     smoke_data = project / "runs/smoke_data"
-    smoke_data.mkdir(parents=True)
-    (smoke_data / "fineweb_val_000000.bin").write_bytes(b"from an older run.sh")
-    (smoke_data / "notes.txt").write_text("mine")
-    knobs = dict(ITERATIONS="8", WARMDOWN_ITERS="4", VAL_LOSS_EVERY="0", TTT_EPOCHS="1", VAL_MAX_TOKENS="4096",
-                 RUN_ID="first")
-    r = run_sh(project, "smoke", timeout=600, **knobs)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"in {smoke_data.relative_to(project)} (" in r.stdout  # the corpus line of tests/corpus.py
     for f in ("tokenizer.model", "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"):
