@@ -33,7 +33,8 @@ setup() {  # a virtualenv that reuses an already installed torch (e.g. the CUDA 
 }
 
 has() {  # the packages are installed (found, not imported: importing torch alone takes seconds, on every call)
-  "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" "$@" 2>/dev/null
+  "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
+    "$@" 2>/dev/null
 }
 
 pip_install() {

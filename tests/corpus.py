@@ -139,8 +139,9 @@ def build(out: Path) -> dict:
     with open(out / "docs_val.jsonl", "w", encoding="utf-8") as f:
         for d in val_docs:
             f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-    manifest = {"key": version_key(), "docs_train": len(train_docs), "docs_val": len(val_docs), "tokens_train": int(len(train)),
-                "tokens_val": int(len(val)), "python": sys.version.split()[0], "sentencepiece": spm.__version__,
+    manifest = {"key": version_key(), "docs_train": len(train_docs), "docs_val": len(val_docs),
+                "tokens_train": int(len(train)), "tokens_val": int(len(val)), "python": sys.version.split()[0],
+                "sentencepiece": spm.__version__,
                 "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                            for p in sorted(out.iterdir()) if p.name != "manifest.json"}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

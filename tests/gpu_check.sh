@@ -37,7 +37,8 @@ fi
 if [ -z "${DATA_PATH:-}" ] && [ -f data/datasets/fineweb10B_sp1024/fineweb_val_000000.bin ]; then
   DATA_PATH=data/datasets/fineweb10B_sp1024 TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/fineweb_1024_bpe.model}
 fi
-DATA_PATH=${DATA_PATH:-$(python3 -c "import sys; sys.path.insert(0, 'tests'); import corpus; print(corpus.cached())" | tail -1)}
+corpus='import sys; sys.path.insert(0, "tests"); import corpus; print(corpus.cached())'  # built once, in tests/.cache
+DATA_PATH=${DATA_PATH:-$(python3 -c "$corpus" | tail -1)}
 export PYTHONUNBUFFERED=1 DATA_PATH TOKENIZER_PATH=${TOKENIZER_PATH:-$DATA_PATH/tokenizer.model}
 step() {  # step NAME SECONDS command...: run it under a time limit, log everything, report its exit status
   local name=$1 secs=$2

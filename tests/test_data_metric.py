@@ -259,7 +259,8 @@ def test_byte_tables_match_piece_strings(tok):
     assert boundary[[0, 1, 2, 3]].all() and (base[[0, 1, 2, 3]] == 0).all() and boundary.sum() == 4
     for piece, n_bytes, lead in (("▁the", 3, True), ("▁", 0, True), ("—", 3, False), ("’", 3, False)):
         i = sp.piece_to_id(piece)
-        assert sp.id_to_piece(i) == piece and (int(base[i]), bool(space[i]), bool(boundary[i])) == (n_bytes, lead, False)
+        assert sp.id_to_piece(i) == piece, piece
+        assert (int(base[i]), bool(space[i]), bool(boundary[i])) == (n_bytes, lead, False), piece
 
 
 HANDCRAFTED = [
