@@ -68,7 +68,7 @@ class Hyperparameters:
     run_id: str = knob("", "run name; outputs go to RUNS_DIR/RUN_ID (default: date + random suffix)")
     runs_dir: str = knob("runs", "parent folder of the run folders")
     seed: int = knob(42, "seed of the model init and anything random")
-    # model (SPEC section 4)
+    # model
     vocab_size: int = knob(1024, "tokenizer vocabulary size", lo=2)
     num_layers: int = knob(11, "transformer blocks (first half encoder, rest decoder)", lo=1)
     model_dim: int = knob(512, "residual width", lo=2)
@@ -92,7 +92,7 @@ class Hyperparameters:
     qk_gain_init: float = knob(1.5, "initial per-head query gain")
     tied_embed_init_std: float = knob(0.005, "std of the tied embedding init", lo=0.0)
     bos_mask: bool = knob(False, "stop SmearGate/BigramHash mixing the previous document into BOS")
-    # training (SPEC section 5)
+    # training
     train_seq_len: int = knob(2048, "tokens per training/eval window", lo=2)
     train_batch_tokens: int = knob(786432, "global batch in tokens (independent of GPU count)", lo=1)
     micro_batch_seqs: int = knob(48, "sequences per GPU per micro-step (lower it on small GPUs)", lo=1)
@@ -123,11 +123,11 @@ class Hyperparameters:
     checkpoint_every: int = knob(0, "write a resumable checkpoint every N steps (0 = off)", lo=0)
     checkpoint_dir: str = knob("", "checkpoint folder (default RUNS_DIR/RUN_ID/checkpoints)")
     resume: bool = knob(False, "continue from the newest valid checkpoint")
-    # quantization and artifact (SPEC section 6)
+    # quantization and artifact
     quant_embed: bool = knob(True, "quantize the embeddings to int6 as well")
     quant_target_bytes: int = knob(0, "spend up to this many total bytes on finer grids (0 = seed quantizer)", lo=0)
     artifact_limit_bytes: int = knob(16_000_000, "challenge cap on code + compressed model bytes", lo=1)
-    # evaluation and TTT (SPEC section 7)
+    # evaluation and TTT
     eval_stride: int = knob(64, "sliding-window stride (>= TRAIN_SEQ_LEN: standard eval)", lo=0)
     eval_batch_seqs: int = knob(32, "windows per forward pass during scoring", lo=1)
     val_max_tokens: int = knob(0, "score only the first N validation tokens (0 = all; not for records)", lo=0)
@@ -556,7 +556,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The published init pass (SPEC 4.10), drawing from the RNG in its order after the modules' own draws."""
+        """The published init pass, drawing from the RNG in its order after the modules' own draws."""
         L = self.hp.num_layers
         nn.init.normal_(self.tok_emb.weight, std=self.hp.tied_embed_init_std)
         nn.init.zeros_(self.bigram_emb.embed.weight)

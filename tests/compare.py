@@ -24,7 +24,7 @@ import train_gpt as tg  # noqa: E402  (the published val_bpb curve: one copy, tr
 
 REF_EVERY = 500  # steps between the values of train_gpt.REF_VAL_BPB
 REF_STEPS = REF_EVERY * (len(tg.REF_VAL_BPB) - 1)  # 25,000
-# Other published figures (SPEC section 8 and the run's log): final line, bytes, training and evaluation time.
+# Other published figures (read off the published run's log): final line, bytes, training and evaluation time.
 REF_FINAL = {"pre_ttt": None, "final": 1.09440207, "bytes_total": 14_496_936, "train_s": 12_509.3, "eval_s": 2_074.0}
 REF_TTT = Path(__file__).with_name("pr644_ttt_curve.tsv")  # chunk, chunks_total, running_val_bpb, elapsed_s
 NOISE = 0.001  # seed-to-seed spread of the published recipe's val_bpb

@@ -1,4 +1,4 @@
-"""SPEC section 6 (int6 GPTQ-lite quantization, artifact format, zstd-22, safe loading) and the artifact side of
+"""Quantization (int6 GPTQ-lite, artifact format, zstd-22, safe loading) and the artifact side of
 the CLI (size accounting, the 16 MB cap, EVAL_ONLY)."""
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ U16 = 2.0 ** -11  # unit roundoff of float16
 # ------------------------------------------------------------------------------------------------ references
 
 def ref_quantize(w: torch.Tensor, per_row_loop: bool = True):
-    """SPEC 6 literally: per candidate p, clip_r = p-quantile of |row r| (p = 1: row max), scale = max(clip/31, 1/31)
-    in fp32, q = clamp(round(w/scale), -32, 31); keep the candidate with the lowest whole-matrix MSE (first wins
+    """The recipe literally: per candidate p, clip_r = p-quantile of |row r| (p = 1: row max),
+    scale = max(clip/31, 1/31) in fp32, q = clamp(round(w/scale), -32, 31); keep the candidate with the lowest whole-matrix MSE (first wins
     ties); scales become fp16 only after the choice. Returns (q int8, scales fp16, fp32 scales, chosen p)."""
     t = w.detach().float()
     a = t.abs()
@@ -107,8 +107,8 @@ def test_quantize_matrix_matches_spec_reference(case):
     rq, rs, rs32, p = ref_quantize(w)
     assert q.dtype == torch.int8 and q.shape == w.shape
     assert s.dtype == torch.float16 and s.shape == (w.shape[0],)
-    assert torch.equal(q, rq), f"q differs from the SPEC reference (reference chose p={p})"
-    assert torch.equal(s, rs), f"scales differ from the SPEC reference (reference chose p={p})"
+    assert torch.equal(q, rq), f"q differs from the reference (reference chose p={p})"
+    assert torch.equal(s, rs), f"scales differ from the reference (reference chose p={p})"
     assert int(q.min()) >= -32 and int(q.max()) <= 31
     assert floor_rows == int((rs32 == torch.tensor(1.0 / 31.0)).sum())
     row_max = w.float().abs().amax(dim=1)

@@ -69,7 +69,7 @@ def test_published_config_is_the_published_run_on_any_schedule_shape_or_gpu_coun
 
 
 def test_ref_suffix_only_at_published_steps_of_the_published_config():
-    assert len(tg.REF_VAL_BPB) == 51  # SPEC section 8, spot checks
+    assert len(tg.REF_VAL_BPB) == 51  # the published log's, spot checks
     assert [tg.REF_VAL_BPB[i] for i in (0, 1, 10, 30, 50)] == [4.1043, 1.3944, 1.2305, 1.1990, 1.1088]
     seed = hp()
     assert tg.ref_suffix(seed, 5000, 1.23171) == " ref_val_bpb:1.2305 delta:+0.0012"

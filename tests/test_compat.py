@@ -1,4 +1,4 @@
-"""COMPAT_PR644=1: the published script's training numerics, each accident on its own (SPEC 4.10, 5): the
+"""COMPAT_PR644=1: the published script's training numerics, each accident on its own: the
 bigram scale's never-cleared gradient, bf16 master values and tok_emb, the bf16 Muon update, the published
 schedule and its refused combinations, and an exact resume."""
 from __future__ import annotations

@@ -40,7 +40,7 @@ def cli():
 
 
 def expected_state_dict_shapes() -> dict[str, tuple[int, ...]]:
-    """SPEC.md section 4, written out: d=512, L=11, H=8, Hkv=4 (kv width 256), V=1024, VE layers 9 and 10."""
+    """The published model, written out: d=512, L=11, H=8, Hkv=4 (kv width 256), V=1024, VE layers 9 and 10."""
     shapes = {
         "tok_emb.weight": (1024, 512),
         "bigram_emb.scale": (),

@@ -1,4 +1,4 @@
-"""SPEC section 7: standard / sliding windows, sliding evaluation, score-first TTT (legality, freezing, LR
+"""The published evaluation: standard / sliding windows, sliding evaluation, score-first TTT (legality, freezing, LR
 schedule, multi-process equivalence). In-process tests use a tiny model whose weights are perturbed so that
 attention and every parameter matter (the zero-initialised projections would otherwise hide context bugs)."""
 from __future__ import annotations
@@ -53,7 +53,7 @@ def scored_targets(starts, offs, n_targets: int, seq_len: int) -> list[int]:
 
 
 def reference_eval(model, val: torch.Tensor, tables, seq_len: int, stride: int) -> tuple[float, float]:
-    """Straightforward SPEC 7 evaluation, independent of plan_windows/score_windows: for every target i find
+    """Straightforward evaluation, independent of plan_windows/score_windows: for every target i find
     the window that scores it (standard: the disjoint window holding it, tail dropped; sliding: window 0 for
     i < seq_len, else the window starting at k*stride whose last `stride` positions hold i), run that whole
     window (zero-padded to seq_len) through a full forward and take the loss at i's position."""
@@ -118,7 +118,7 @@ def test_plan_windows_sliding_scores_every_target_exactly_once(stride):
         starts, offs = tg.plan_windows(n_targets + 1, T, stride)
         got = scored_targets(starts, offs, n_targets, T)
         assert sorted(got) == list(range(n_targets)), (stride, n_targets)  # each target exactly once
-        # SPEC 7: windows start at multiples of the stride, the first scores all its targets, the others their last
+        # Windows start at multiples of the stride, the first scores all its targets, the others their last
         # `stride` positions; consecutive windows, none of them scoring nothing.
         assert starts.tolist() == [k * stride for k in range(len(starts))], (stride, n_targets)
         assert offs[0] == 0 and all(o == T - stride for o in offs[1:].tolist()), (stride, n_targets)
@@ -282,7 +282,7 @@ def test_ttt_lr_multiplier_matches_spec():
 
 
 def test_ttt_training_matches_hand_written_sgd(tables):
-    """TTT's training, written out independently (SPEC 7): for each chunk but the last, TTT_EPOCHS passes over its
+    """TTT's training, written out independently: for each chunk but the last, TTT_EPOCHS passes over its
     full sequences in batches of TTT_BATCH_SEQS (here 2 then 1), each an SGD step on the mean loss over the batch's
     tokens, its gradient clipped to TTT_GRAD_CLIP over all trainable parameters, momentum buffers kept across
     chunks, LR = TTT_LR x the schedule of that chunk (6 chunks: 1, 1, 0.85, 0.5, 0.15; the last is not trained);

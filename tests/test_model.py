@@ -1,4 +1,4 @@
-"""The model against SPEC section 4: an independent reference forward, causality, XSA, partial RoPE/YaRN,
+"""The model against the published architecture: an independent reference forward, causality, XSA, partial RoPE/YaRN,
 BigramHash/SmearGate (with and without BOS masking), init, and score_from."""
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def ref_buckets(ids: np.ndarray, n_buckets: int, bos_mask: bool) -> np.ndarray:
 
 
 def ref_inv_freq(hp, T: int) -> torch.Tensor:
-    """SPEC 4.6 in float64: 1/base'^(2j/dims) (dims = ROPE_DIMS, 0 = the whole head; base' stretched by YaRN when
+    """inv_freq in float64: 1/base'^(2j/dims) (dims = ROPE_DIMS, 0 = the whole head; base' stretched by YaRN when
     T > ROPE_TRAIN_SEQ_LEN), rounded to the nearest bf16 (ROPE_INV_FREQ=bf16) except in the YaRN branch."""
     dims = hp.rope_dims or hp.head_dim
     yarn = T > hp.rope_train_seq_len
@@ -79,7 +79,7 @@ def ref_inv_freq(hp, T: int) -> torch.Tensor:
 
 
 def ref_rope(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, hd), float64 reference of the SPEC formula; angle_j(t) = t * inv_freq[j] on the first
+    """x (B, T, H, hd), float64 reference of the formula; angle_j(t) = t * inv_freq[j] on the first
     2 * len(inv_freq) dims, pairs (j, j + half)."""
     half = len(inv_freq)
     x = x.double()
@@ -92,7 +92,7 @@ def ref_rope(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_forward(sd: dict, hp, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """SPEC section 4 written out directly from the state dict (float32), per-position CE."""
+    """The published forward written out directly from the state dict (float32), per-position CE."""
     B, T = ids.shape
     d, L, H, Hkv = hp.model_dim, hp.num_layers, hp.num_heads, hp.num_kv_heads
     hd = d // H
@@ -162,13 +162,13 @@ def reference_forward(sd: dict, hp, ids: torch.Tensor, targets: torch.Tensor) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# reference forward: the model is pinned to SPEC section 4
+# reference forward: the model is pinned to the published architecture
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T,kw", [(48, {}), (48, {"bos_mask": 1}), (200, {}), (48, {"rope_inv_freq": "fp32"}),
                                   (48, {"rope_dims": 0, "ve_dim": 32})])
 def test_forward_matches_independent_reference(T, kw):
-    """Per-position losses of tg.GPT == the SPEC forward written out in the test (randomized weights;
+    """Per-position losses of tg.GPT == the published forward written out in the test (randomized weights;
     T=200 > ROPE_TRAIN_SEQ_LEN=128 exercises YaRN; bf16-rounded and exact RoPE frequencies; RoPE on the whole
     head with a value embedding as wide as the key/value heads, so without projection)."""
     hp = tiny_hp(**kw)
@@ -443,7 +443,7 @@ def test_model_bos_isolation_of_x0(bos_mask):
 
 
 # ----------------------------------------------------------------------------------------------
-# init (SPEC 4.10)
+# init (the published order)
 # ----------------------------------------------------------------------------------------------
 
 def test_init():

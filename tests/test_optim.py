@@ -1,4 +1,4 @@
-"""Optimizers and the training step against SPEC section 5: Newton-Schulz, Muon vs an independent
+"""Optimizers and the training step against the published recipe: Newton-Schulz, Muon vs an independent
 reference, LR schedule and Muon momentum, parameter routing, EMA arithmetic, priming undo, NaN detection."""
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def _muon_setup(seed=4):
 
 @pytest.mark.parametrize("use_default_ns", [False, True])
 def test_muon_two_steps_match_reference(use_default_ns):
-    """Muon vs the SPEC recipe: buf = m*buf + g; u = NS(g + m*buf) * sqrt(max(1, rows/cols));
+    """Muon vs the published recipe: buf = m*buf + g; u = NS(g + m*buf) * sqrt(max(1, rows/cols));
     p = p*(1 - lr*wd) - lr*u; two steps, two groups with different LRs and momenta."""
     params, grads = _muon_setup()
     lrs, moms, wd = [0.05, 0.02], [0.9, 0.95], 0.1
@@ -209,7 +209,7 @@ MATRIX_LR, SCALAR_LR, EMBED_LR = 0.011, 0.013, 0.017
 
 
 def expected_route(name: str, n_enc: int):
-    """(optimizer, lr) per SPEC 5, or None for bigram_emb.scale (frozen in the seed)."""
+    """(optimizer, lr) by the published recipe, or None for bigram_emb.scale (frozen in the seed)."""
     if name == "bigram_emb.scale":
         return None
     if name == "tok_emb.weight":
@@ -320,7 +320,7 @@ def _assert_same(a, b, path="state"):
 
 
 def test_prime_restores_exact_state(corpus):
-    """SPEC 5 / 9: priming must restore every state it touched: weights, optimizer state, EMA, data
+    """Priming must restore every state it touched: weights, optimizer state, EMA, data
     position, step counter and RNG, bit for bit."""
     tr = make_trainer(seed=1, prime_steps=3)
     before = copy.deepcopy(tr.state())  # deep copy: nothing the priming does in place may reach it
@@ -416,7 +416,7 @@ def test_non_finite_loss_raises_with_step(corpus):
 
 @pytest.mark.parametrize("clip", [0.05, 0.0])
 def test_train_step_matches_hand_written_steps(corpus, monkeypatch, clip):
-    """Two train_steps of 2 micro-batches against SPEC 5 written out: the gradient of the mean loss over the whole
+    """Two train_steps of 2 micro-batches against the recipe written out: the gradient of the mean loss over the whole
     batch (accumulation scaling), clipped over all parameters to GRAD_CLIP_NORM (what the optimizers see then has
     exactly that norm; with the clip off, the raw gradient), AdamW and Muon by role with LR = base x lr_mult
     (decoder blocks x2), Muon momentum from its warm-up at each step (0.5, then 0.7)."""
