@@ -31,7 +31,8 @@ U16 = 2.0 ** -11  # unit roundoff of float16
 def ref_quantize(w: torch.Tensor, per_row_loop: bool = True):
     """The recipe literally: per candidate p, clip_r = p-quantile of |row r| (p = 1: row max),
     scale = max(clip/31, 1/31) in fp32, q = clamp(round(w/scale), -32, 31); keep the candidate with the lowest
-    whole-matrix MSE (first wins ties); scales become fp16 only after the choice. Returns (q int8, scales fp16, fp32 scales, chosen p)."""
+    whole-matrix MSE (first wins ties); scales become fp16 only after the choice. Returns (q int8, scales fp16,
+    fp32 scales, chosen p)."""
     t = w.detach().float()
     a = t.abs()
     best = None
