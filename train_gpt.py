@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import datetime
 import difflib
 import glob
 import heapq
@@ -1596,8 +1597,12 @@ def reports_error(rank: int) -> bool:
     time.sleep(3.0 if rank else 0.0)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # not under torchrun: nobody else to ask
         return True
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    return store.add(f"train_gpt_error_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", 1) == 1
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=10))
+        return store.add(f"train_gpt_error_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", 1) == 1
+    except Exception:  # the store is unreachable: better the line twice than not at all
+        return True
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, clean_env, final_line, run_script
+from conftest import ROOT, TINY, clean_env, final_line, run_script, tg
 
 pytestmark = pytest.mark.usefixtures("corpus")
 
@@ -378,6 +378,19 @@ def test_an_error_every_rank_hits_is_shown_once_with_6_processes(tmp_path):
     assert re.fullmatch(rf"error: (rank [1-5]: )?{want}", errors[0]), errors  # the first claim (rank 0 if in time)
     assert 'train_gpt.py", line' not in r.stderr  # no worker traceback (torchrun's own follows, run directly)
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_unreachable_torchrun_store_still_reports_the_error(monkeypatch):
+    """The report is claimed in torchrun's store; if it cannot be reached (the launcher gone, a firewall) the rank
+    reports anyway: the old code hung 300 s in the connect, then printed a DistNetworkError traceback instead."""
+    def unreachable(*args, **kwargs):
+        assert kwargs.get("timeout") is not None and kwargs["timeout"].total_seconds() <= 30, kwargs
+        raise tg.dist.DistNetworkError("The client socket has timed out")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setattr(tg.dist, "TCPStore", unreachable)
+    assert tg.reports_error(0) is True
 
 
 def test_two_process_torchrun_equals_grad_accumulation(tmp_path):
