@@ -257,9 +257,14 @@ def published_config(hp: Hyperparameters) -> bool:
     return hp.model_signature() == ref.model_signature() and all(getattr(hp, k) == getattr(ref, k) for k in same)
 
 
+def ref_val_bpb(step: int) -> float | None:
+    """The published val_bpb at `step`, if its log has one (every 500 steps)."""
+    return REF_VAL_BPB[step // 500] if step % 500 == 0 and 0 <= step < 500 * len(REF_VAL_BPB) else None
+
+
 def ref_suffix(hp: Hyperparameters, step: int, val_bpb: float) -> str:
     """' ref_val_bpb:R delta:D' for a validation line at a step of the published curve, in its configuration."""
-    ref = REF_VAL_BPB[step // 500] if step % 500 == 0 and step < 500 * len(REF_VAL_BPB) else None
+    ref = ref_val_bpb(step)
     return f" ref_val_bpb:{ref:.4f} delta:{round(val_bpb, 4) - ref:+.4f}" if ref and published_config(hp) else ""
 
 

@@ -109,10 +109,6 @@ def parse_log(log: Path) -> Run:
     return run
 
 
-def ref_at(step: int) -> float | None:
-    return tg.REF_VAL_BPB[step // REF_EVERY] if step % REF_EVERY == 0 and step <= REF_STEPS else None
-
-
 def letter(i: int) -> str:
     return chr(ord("A") + i) if i < 26 else f"R{i + 1}"
 
@@ -144,7 +140,7 @@ def table(runs: list[Run]) -> str:
             cells.append(fmt(values[i] - base[b], kind, signed=True) if both else "-")
         return cells
 
-    rows = [row(str(step), [r.val.get(step) for r in runs], ref_at(step), "bpb")
+    rows = [row(str(step), [r.val.get(step) for r in runs], tg.ref_val_bpb(step), "bpb")
             for step in sorted({s for r in runs for s in r.val})]
     summary = [row(label, [r.summary[key] for r in runs], REF_FINAL[key], kind) for key, label, kind in SUMMARY]
     widths = [max(len(x[c]) for x in [head] + rows + summary) for c in range(len(head))]
@@ -180,7 +176,7 @@ def plot(runs: list[Run], out: Path) -> str:
         ax["val"].plot([s / max(r.iterations, 1) for s in steps], [r.val[s] for s in steps], **style,
                        label=f"{name} ({r.iterations} steps)")
         if r.comparable:
-            pts = [(s, r.val[s] - ref_at(s)) for s in steps if ref_at(s) is not None]
+            pts = [(s, r.val[s] - tg.ref_val_bpb(s)) for s in steps if tg.ref_val_bpb(s) is not None]
             ax["delta"].plot([s for s, _ in pts], [d for _, d in pts], **style, label=name)
         if r.ttt:
             ax["ttt"].plot([c / n for c, n, _ in r.ttt], [b for *_, b in r.ttt], color=f"C{i}", lw=1.4, label=name)
