@@ -47,16 +47,24 @@ pip_install() {
 
 gpus() { "$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))"; }
 # torchrun, without its own log lines and ChildFailedError traceback after a worker's error: train_gpt.py has
-# printed that error once (exit 2); any other failure gets one line naming the rank and its exit code.
+# printed that error once (exit 2); any other failure gets one line naming the rank and its exit code. A stop
+# signal (SIGTERM to torchrun, which passes it on; or to the workers): the workers' exit status 128 + signal
+# number (they have logged their stop line), torchrun's SignalException one line instead of a traceback.
 TORCHRUN='
 import logging, sys
 from torch.distributed.run import main
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+logging.disable(logging.ERROR)  # its loggers set their own levels (e.g. the warning on a SIGTERM)
 try:
     main(sys.argv[1:])
+except SignalException as e:
+    print(f"torchrun: stopped by {e.sigval.name}; the workers were passed it (their lines are above)", file=sys.stderr)
+    sys.exit(128 + e.sigval)
 except ChildFailedError as e:
     rank, failure = e.get_first_failure()
+    if failure.exitcode > 128:  # a worker stopped on a signal and said so
+        sys.exit(failure.exitcode)
     if failure.exitcode != 2:
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         print(f"error: rank {rank} failed ({how}); its output is above", file=sys.stderr)

@@ -755,18 +755,51 @@ class Runtime:
                 self.log_file.flush()
 
 
-def all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
-    """Average gradients across ranks in one flat all-reduce (missing grads count as zeros)."""
+def all_reduce_grads(params: list[nn.Parameter], world: int, vote: Tensor | None = None) -> None:
+    """Average gradients across ranks in one flat all-reduce (missing grads count as zeros). `vote` (one element)
+    rides along and comes back summed over the ranks: the stop flags agree without a collective of their own."""
     if world == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
+    flat = torch.cat([g.flatten() for g in grads] + ([] if vote is None else [vote]))
     dist.all_reduce(flat)
+    if vote is not None:
+        vote.copy_(flat[-1:])
     flat /= world
     offset = 0
     for p, g in zip(params, grads):
         p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
         offset += p.numel()
+
+
+class Stopped(BaseException):  # not an Exception: no `except Exception` on its way (a checkpoint read) eats it
+    """A stop signal ended the run: args (signum, the line already logged or None); exit status 128 + signum."""
+
+
+@dataclass
+class StopSignal:
+    """SIGTERM / SIGUSR1 (a scheduler's time limit or preemption; torchrun forwards SIGTERM, kills 30 s later). The
+    training loop only notes it and stops at a step boundary with a checkpoint; elsewhere it ends the run at once."""
+    signum: int = 0
+    phase: str = "startup"
+    deferred: bool = False
+    kept: dict = field(default_factory=dict)  # what is safe on disk, for the line: name -> "path (how to use it)"
+
+    def __call__(self, signum, frame) -> None:  # the handler; a second signal changes nothing
+        first, self.signum = not self.signum, self.signum or signum
+        if first and not self.deferred:
+            raise Stopped(signum, None)
+
+    def enter(self, phase: str, deferred: bool = False) -> None:
+        self.phase, self.deferred = phase, deferred
+        if self.signum and not deferred:
+            raise Stopped(self.signum, None)
+
+
+STOP = StopSignal()
+# Several processes read the agreed stop vote every 4 steps (a host sync): at 0.8 s/step that is ~3 s, 10 s on a
+# 3x slower GPU, well inside torchrun's 30 s grace with the checkpoint write; a sync per 4 steps costs nothing.
+STOP_CHECK_EVERY = 4
 
 
 def batch_split(hp: Hyperparameters, world: int) -> tuple[int, int]:
@@ -804,6 +837,7 @@ class Trainer:
         self.micro, self.accum = batch_split(hp, rt.world)
         self.step, self.train_ms = 0, 0.0
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
+        self.vote = torch.zeros(1, device=rt.device)  # > 0 once any rank got a stop signal (summed every step)
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -849,7 +883,9 @@ class Trainer:
                 loss = self.rt.compiled(x, y).mean()
             (loss / self.accum).backward()
             total += loss.detach() / self.accum
-        all_reduce_grads(self.params, self.rt.world)
+        if STOP.signum:
+            self.vote.fill_(1.0)
+        all_reduce_grads(self.params, self.rt.world, self.vote)
         if hp.grad_clip_norm > 0 and not priming:  # the published priming steps neither clip
             torch.nn.utils.clip_grad_norm_(self.params, hp.grad_clip_norm)
         mom = hp.muon_momentum if priming else muon_momentum(hp, self.step)  # nor warm the momentum up
@@ -904,17 +940,18 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return Path(self.hp.checkpoint_dir) if self.hp.checkpoint_dir else self.rt.run_dir / "checkpoints"
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> Path:
         self.check_finite()  # never write a checkpoint of diverged weights
-        if not self.rt.main:
-            return
         d = self.checkpoint_dir()
-        d.mkdir(parents=True, exist_ok=True)
         final = d / f"ckpt_{self.step:07d}.pt"
-        atomic_save(self.state(), final)
-        for old in sorted(d.glob("ckpt_*.pt"))[:-2] + list(d.glob(".ckpt_*.tmp")):  # incl. leftovers of a kill
-            old.unlink(missing_ok=True)
-        self.rt.log(f"checkpoint:{final} step:{self.step}")
+        if self.rt.main:
+            d.mkdir(parents=True, exist_ok=True)
+            atomic_save(self.state(), final)
+            for old in sorted(d.glob("ckpt_*.pt"))[:-2] + list(d.glob(".ckpt_*.tmp")):  # incl. leftovers of a kill
+                old.unlink(missing_ok=True)
+            self.rt.log(f"checkpoint:{final} step:{self.step}")
+            STOP.kept["checkpoint"] = f"{final} (RESUME=1 goes on from it)"
+        return final
 
     def resume(self) -> None:
         d = self.checkpoint_dir()
@@ -932,13 +969,31 @@ class Trainer:
                 raise UserError(f"cannot resume from {path}: model config differs ({diff})")
             self.load_state(st)
             self.rt.log(f"resume:{path} step:{self.step}")
+            STOP.kept["checkpoint"] = f"{path} (RESUME=1 goes on from it)"
             return
         self.rt.log(f"resume: no valid checkpoint in {d}, starting from step 0")
 
     # -- the loop --------------------------------------------------------------------------------
+    def stop_agreed(self, now: bool = False) -> bool:
+        """Stop after this step? One process: once it got a signal. Several: once the votes summed by the gradient
+        all-reduce say so, read at the same steps (every STOP_CHECK_EVERY) on all ranks, so all stop together."""
+        if self.rt.world == 1:
+            return STOP.signum > 0
+        return (now or self.step % STOP_CHECK_EVERY == 0) and self.vote.item() > 0
+
+    def stop(self, path: Path) -> None:
+        if self.rt.world > 1:
+            dist.barrier()  # rank 0 has written the checkpoint before any rank exits
+        signum = STOP.signum or signal.SIGTERM  # a rank may stop on another rank's signal
+        line = (f"stopped: {signal.Signals(signum).name} at step {self.step}/{self.hp.iterations}; checkpoint {path}; "
+                "continue with RESUME=1")
+        self.rt.log(line)
+        raise Stopped(signum, line)
+
     def run(self, evaluate) -> None:
         """Train to ITERATIONS (or the wall-clock cap); validation and checkpoint time is not counted."""
         hp, rt = self.hp, self.rt
+        STOP.enter("training", deferred=True)
         t_mark, last = time.perf_counter(), (self.step, self.train_ms)
         now_ms = lambda: self.train_ms + (time.perf_counter() - t_mark) * 1000
         while True:
@@ -971,11 +1026,16 @@ class Trainer:
                 last = (self.step, now)
                 if self.step == hp.train_log_every:  # with a wall-clock cap the number of steps is known now
                     warn_short_ema(hp, rt, avg)
-            if hp.checkpoint_every and self.step % hp.checkpoint_every == 0:
+            stop = self.stop_agreed()
+            if stop or (hp.checkpoint_every and self.step % hp.checkpoint_every == 0):
                 self.train_ms = now_ms()
-                self.save_checkpoint()
+                path = self.save_checkpoint()
                 t_mark = time.perf_counter()
+            if stop:
+                self.stop(path)
         self.check_finite()
+        if self.stop_agreed(now=True):  # signalled during the last validation
+            self.stop(self.save_checkpoint())
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -1519,6 +1579,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
               "wallclock_seconds": 0}
     standard = None
     if hp.eval_only:
+        STOP.kept["artifact"] = f"{hp.artifact} (untouched)"
         result["bytes_model"] = len(Path(hp.artifact).read_bytes())
         rt.log(f"eval_only artifact:{hp.artifact} bytes:{result['bytes_model']}")
     else:
@@ -1529,8 +1590,10 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         if hp.resume:
             trainer.resume()
         if trainer.step == 0:
+            STOP.enter("priming")
             trainer.prime()
         trainer.run(lambda m: evaluate(hp, rt, m, val, tables, 0))
+        STOP.enter("quantization")
         result.update(training_steps=trainer.step, wallclock_seconds=round(trainer.train_ms / 1000))
         if rt.device.type == "cuda":
             rt.log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
@@ -1554,6 +1617,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
                 obj, stats = quantize_state_dict(model.state_dict(), hp.quant_embed)
                 blob = serialize_artifact(obj)
             atomic_save(blob, path)
+            STOP.kept["artifact"] = f"{path} (./run.sh eval scores it)"
             rt.log(f"quant: rows:{stats['rows']} floor_rows:{stats['floor_rows']} floor_fraction:"
                    f"{stats['floor_rows'] / max(stats['rows'], 1):.4f} time:{time.perf_counter() - t0:.1f}s")
         if rt.world > 1:
@@ -1563,6 +1627,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         q_loss, q_bpb = evaluate(hp, rt, model, val, tables, 0)
         rt.log(f"quant_eval val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f} quant_gap_bpb:{q_bpb - float_bpb:+.6f}")
         standard = (q_loss, q_bpb)
+    STOP.enter("final evaluation")
     result["bytes_total"] = result["bytes_model"] + code_bytes
     rt.log(f"bytes_model:{result['bytes_model']} bytes_code:{code_bytes} bytes_total:{result['bytes_total']} "
            f"limit:{hp.artifact_limit_bytes}")
@@ -1595,6 +1660,15 @@ def write_submission(hp: Hyperparameters, rt: Runtime, r: dict) -> None:
     rt.log(f"submission:{rt.run_dir / 'submission.json'}")
 
 
+def report_stop(rt: Runtime | None, signum: int, line: str | None) -> int:
+    """The one line of a stop outside the training loop: what it interrupted and what is safe on disk."""
+    if line is None:
+        kept = ", ".join(f"{what} {path}" for what, path in STOP.kept.items()) or "nothing of this run"
+        line = f"stopped: {signal.Signals(signum).name} during {STOP.phase}; safe on disk: {kept}"
+        (rt or Runtime(rank=int(os.environ.get("RANK", "0")))).log(line)
+    return 128 + signum
+
+
 def reports_error(rank: int) -> bool:
     """Under torchrun every rank may hit the same error: rank 0 claims the report at once, others after a grace period
     (torchrun stops them when rank 0 exits), so one rank's own error still shows; the first claim in torchrun's store
@@ -1616,11 +1690,17 @@ def main() -> int:
         print(help_text())
         return 0
     rt = None
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, STOP)
     try:
         hp = Hyperparameters.from_env()
         rt = setup_runtime(hp)
         return run(hp, rt)
+    except Stopped as e:
+        return report_stop(rt, *e.args)
     except Exception as e:  # a UserError is one line, anything else its traceback; under torchrun once, not per rank
+        if STOP.signum:  # e.g. a collective broken by a peer that stopped first
+            return report_stop(rt, STOP.signum, None)
         rank = int(os.environ.get("RANK", "0"))
         if not reports_error(rank):
             time.sleep(60)  # the reporting rank may still be printing: torchrun stops this process when it exits

@@ -130,3 +130,37 @@ def pytest_runtest_makereport(item, call):
     reason = str(report.longrepr[2]) if report.skipped and isinstance(report.longrepr, tuple) else ""
     if report.skipped and os.environ.get("STRICT_SKIPS") == "1" and REAL_SKIP not in reason:
         report.outcome, report.longrepr = "failed", f"skipped under STRICT_SKIPS=1 (only optional tests may): {reason}"
+
+
+def run_signalled(jobs: list, timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Start every (cmd, popen options, prefix, signal) job at once; send a job its signal as soon as its output
+    shows a line starting with prefix (deterministic: the run is at that point of its log). stdout and stderr
+    together in .stdout."""
+    from concurrent.futures import ThreadPoolExecutor
+    procs = [subprocess.Popen(cmd, **opts, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd, opts, _, _ in jobs]
+
+    def follow(p, prefix, sig):
+        lines = []
+        for line in p.stdout:
+            lines.append(line)
+            if sig and line.startswith(prefix):
+                p.send_signal(sig)
+                sig = None
+        p.wait()
+        return subprocess.CompletedProcess(p.args, p.returncode, "".join(lines), "")
+
+    pool = ThreadPoolExecutor(len(jobs))
+    try:
+        futures = [pool.submit(follow, p, prefix, sig) for p, (_, _, prefix, sig) in zip(procs, jobs)]
+        return [f.result(timeout=timeout) for f in futures]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        pool.shutdown()
+
+
+def train_gpt_job(env: dict, prefix: str = "", sig: int = 0) -> tuple:
+    """A run_signalled job of train_gpt.py with the knobs in env."""
+    return [sys.executable, str(ROOT / "train_gpt.py")], dict(env=clean_env(**env), cwd=ROOT), prefix, sig

@@ -18,6 +18,7 @@ CLI_BAD = [
     (dict(NUM_LAYERS="abc"), ("NUM_LAYERS",)),
     (dict(NUM_HEADS="7"), ("NUM_HEADS",)),
     (dict(TTT_EPOCH="3"), ("TTT_EPOCHS",)),
+    (dict(QUANT_TARGET="15900000"), ("QUANT_TARGET",)),
 ]
 CLI_CASES = {
     "default_dry_run": (dict(CORPUS_ENV, DRY_RUN="1"), ()),
@@ -199,6 +200,18 @@ def test_unrelated_environment_is_ignored():
                             "CUDA_VISIBLE_DEVICES PYTHONPATH NCCL_DEBUG TOKENIZERS_PARALLELISM PATH HOME MAX_JOBS VENV NPROC "
                             "HF_HOME HF_ENDPOINT HF_HUB_OFFLINE TORCH_SPEC SMOKE_DATA").split()}
     assert tg.Hyperparameters.from_env(env) == tg.Hyperparameters()
+
+
+@pytest.mark.parametrize("name,value", [("TTT_EPOCHS_PER_CHUNK", "3"), ("EVAL_STRIDES", "64"),
+                                        ("QUANT_TARGET", "15900000")])
+def test_misspelled_knob_sharing_a_prefix_is_refused(name, value):
+    """A name in the script's namespace (a knob's prefix) that is no knob would silently fall back to the default:
+    refused with one line naming it. Names outside that namespace, even sharing a word with a knob, are not."""
+    with pytest.raises(tg.UserError) as info:
+        tg.Hyperparameters.from_env({name: value})
+    assert str(info.value).startswith(f"unknown setting {name}") and "\n" not in str(info.value), info.value
+    outside = dict(CUDA_VISIBLE_DEVICES="0,1", DATA_DIR="/data", OMP_NUM_THREADS="4")
+    assert tg.Hyperparameters.from_env({**outside, "EVAL_STRIDE": "64"}) == tg.Hyperparameters(eval_stride=64)
 
 
 def test_values_are_parsed_and_typed():

@@ -510,3 +510,29 @@ def test_plan_windows_scores_every_target_once(n_tokens, seq_len, stride):
             if p < n_tokens:
                 hits[p] += 1
     assert hits[0] == 0 and (hits[1:] == 1).all(), np.nonzero(hits[1:] != 1)[0][:10] + 1
+
+
+def test_byte_fallback_pieces_count_one_byte_each(tmp_path):
+    """The generated tokenizer (like the challenge's sp1024) has no byte fallback, so a tokenizer that has one is
+    built here from the corpus' validation text. Rare Unicode encodes into <0x..> pieces; byte_tables + BpbMeter
+    credit each 1 byte, so the credited total of a text equals the UTF-8 length of what its ids decode to."""
+    import sentencepiece as spm
+    docs = [json.loads(l)["text"] for l in open(SAMPLE / "docs_val.jsonl", encoding="utf-8")]
+    lines = [line for d in docs for line in d.splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "bf"), vocab_size=512, model_type="bpe",
+        byte_fallback=True, add_dummy_prefix=False, bos_id=1, eos_id=2, unk_id=3, pad_id=0, character_coverage=0.98,
+        num_threads=1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "bf.model"))
+    tables = tg.byte_tables(sp, sp.vocab_size())
+    e2 = sp.piece_to_id("<0xE2>")
+    assert sp.is_byte(e2) and tables[0][e2] == 1 and not tables[1][e2] and not tables[2][e2]
+    texts = ["x ∮ E⋅da = Q, n → ∞", "naïve café — 東京 🙂", "Ωmega ≈ ∑ ‰ ﬁne", *docs[:40]]
+    fallback = 0
+    for text in texts:
+        ids = torch.tensor([1] + sp.encode(text))  # a document start, as in the shards
+        fallback += sum(sp.is_byte(int(i)) for i in ids)
+        meter = tg.BpbMeter(tables, torch.device("cpu"))
+        meter.add(torch.zeros(len(ids) - 1), ids[:-1], ids[1:], torch.ones(len(ids) - 1, dtype=torch.bool))
+        assert int(meter.sums[2]) == len(sp.decode(ids[1:].tolist()).encode("utf-8")), repr(text[:80])
+    assert fallback >= 20 and e2 in sp.encode(texts[0]), fallback  # the rule for <0x..> pieces is really exercised

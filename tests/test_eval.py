@@ -3,6 +3,7 @@ schedule, multi-process equivalence). In-process tests use a tiny model whose we
 attention and every parameter matter (the zero-initialised projections would otherwise hide context bugs)."""
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -317,6 +318,67 @@ def test_ttt_training_matches_hand_written_sgd(tables):
         err, moved = float((p.detach() - ref[k]).norm()), float((ref[k] - start[k]).norm())
         assert (moved == 0) == k.startswith("blocks.0."), k
         assert err <= 1e-3 * moved + 1e-9, (k, err, moved)  # float32 roundoff: <= 5e-5 here; mutants: > 10
+
+
+def test_ttt_window_belongs_to_the_chunk_of_its_first_scored_target(tables):
+    """Score-first TTT written from its definition, without the product's window or chunk planning: target i is
+    scored by window 0 if i < T, else by the window starting at ((i - T) // stride + 1) * stride; a window belongs to
+    chunk (its first scored target) // C; chunk by chunk, its windows are scored with the current weights, then
+    (unless last) SGD trains on the chunk's full sequences. Stride 48 < T and C = 369 (not a multiple of 48): chunk
+    boundaries fall inside windows (one window scores target C - 1 first), so assigning a window by its start,
+    its end or one target off changes the result."""
+    stride, C, lr, mom, clip, batch = 48, 369, 0.05, 0.9, 1.0, 2
+    hp = tiny_hp(val_max_tokens=2000, eval_stride=stride, ttt_chunk_tokens=C, ttt_epochs=1, ttt_batch_seqs=batch,
+                 ttt_lr=lr, ttt_momentum=mom, ttt_grad_clip=clip, ttt_freeze_blocks=1)
+    val = tg.load_validation(hp)
+    n = len(val) - 1
+    padded = torch.cat([val, torch.zeros(T + 1, dtype=val.dtype)])
+    windows: dict[int, list[int]] = {}  # window start -> the targets it scores
+    for i in range(n):
+        windows.setdefault(0 if i < T else ((i - T) // stride + 1) * stride, []).append(i)
+    chunks: dict[int, list[int]] = {}
+    for s, targets in windows.items():
+        chunks.setdefault(targets[0] // C, []).append(s)
+    n_chunks = max(chunks) + 1
+    assert sorted(chunks) == list(range(n_chunks)) and n_chunks == 6
+    assert any(s // C != ci or (s + T - 1) // C != ci for ci, starts in chunks.items() for s in starts)
+    assert any(targets[0] % C == C - 1 for targets in windows.values())
+
+    model = live_model(3)
+    ours = copy.deepcopy(model)
+    base, space, boundary = tables
+    trainable = [p for name, p in model.named_parameters() if not name.startswith("blocks.0.")]
+    opt = torch.optim.SGD(trainable, lr=lr, momentum=mom)
+    loss_sum, n_scored, n_bytes = 0.0, 0, 0
+    for ci in range(n_chunks):
+        model.eval()
+        with torch.no_grad():
+            for s in chunks[ci]:
+                losses = model(padded[None, s:s + T], padded[None, s + 1:s + T + 1])[0]
+                for i in windows[s]:
+                    prev, tgt = int(val[i]), int(val[i + 1])
+                    loss_sum += float(losses[i - s])
+                    n_scored += 1
+                    n_bytes += int(base[tgt]) + int(space[tgt] and not boundary[prev])
+        if ci == n_chunks - 1:
+            break
+        model.train()
+        c0, n_seq = ci * C, (min((ci + 1) * C, n) - ci * C) // T
+        for g in opt.param_groups:
+            g["lr"] = lr * spec_ttt_lr(ci, n_chunks)
+        for b in range(0, n_seq, batch):
+            seqs = torch.stack([val[c0 + j * T:c0 + j * T + T + 1] for j in range(b, min(b + batch, n_seq))])
+            model(seqs[:, :-1], seqs[:, 1:]).mean().backward()
+            torch.nn.utils.clip_grad_norm_(trainable, clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert n_scored == n
+    want_loss = loss_sum / n_scored
+    want_bpb = want_loss / math.log(2) * n_scored / n_bytes
+    loss, bpb = tg.ttt_evaluate(hp, runtime(ours), ours, val, tables)
+    assert abs(loss - want_loss) <= 1e-6 and abs(bpb - want_bpb) <= 1e-6, (loss, want_loss, bpb, want_bpb)
+    sliding = tg.evaluate(hp, runtime(live_model(3)), live_model(3), val, tables, stride)
+    assert abs(sliding[1] - bpb) > 1e-3, (sliding, bpb)  # TTT's training really moved the score
 
 
 # ------------------------------------------------------------------------------------------------ 2 processes

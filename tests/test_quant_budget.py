@@ -193,3 +193,25 @@ def test_sensitivity_is_token_weighted_squared_gradient(trained):
     for k in names:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-12)
     assert all(p.grad is None for p in model.parameters())  # leaves no gradients behind
+
+
+def test_quant_target_bytes_is_the_whole_submission_through_the_cli(tmp_path):
+    """QUANT_TARGET_BYTES budgets model plus code bytes: a real run (this file's tiny-but-quantized model, 4 steps)
+    given 400,000 bytes for the model on top of the script's size ends with bytes_total at most the target and
+    within 1% of the model's share below it, as its artifact and submission.json say too."""
+    from conftest import TINY, ROOT, run_script
+    import json
+    import re
+    code = len((ROOT / "train_gpt.py").read_bytes())
+    target = code + 400_000
+    cfg = {k.upper(): str(v) for k, v in CFG.items()}
+    r = run_script({**TINY, **cfg, "TTT_FREEZE_BLOCKS": "1", "ITERATIONS": "4", "WARMDOWN_ITERS": "2",
+                    "TTT_ENABLED": "0", "EVAL_STRIDE": "0", "VAL_MAX_TOKENS": "2000", "QUANT_TARGET_BYTES": str(target),
+                    "RUNS_DIR": str(tmp_path), "RUN_ID": "q"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.search(r"^bytes_model:(\d+) bytes_code:(\d+) bytes_total:(\d+) ", r.stdout, re.M)
+    model_bytes, code_bytes, total = map(int, m.groups())
+    assert code_bytes == code and total == model_bytes + code
+    assert target - 0.01 * 400_000 <= total <= target, (total, target)
+    assert (tmp_path / "q" / "final_model.int6.ptz").stat().st_size == model_bytes
+    assert json.loads((tmp_path / "q" / "submission.json").read_text())["bytes_total"] == total

@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE, TINY, TOKENIZER, clean_env, final_line
+from conftest import SAMPLE, TINY, TOKENIZER, clean_env, final_line, run_signalled
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "willdepueoai/parameter-golf"
@@ -201,12 +202,58 @@ def test_smoke_then_eval_reproduces_its_final_line(smoke, corpus):
     assert r.returncode == 2 and "unknown mode 'evaluate'" in r.stderr and "set -euo" not in r.stderr
 
 
-def test_train_launches_torchrun_for_several_processes(tmp_path, corpus):
-    project = project_copy(tmp_path)
-    r = run_sh(project, "train", **{**TINY, "NPROC": "2", "RUN_ID": "ddp", "TTT_ENABLED": "0"})
-    assert r.returncode == 0, r.stderr[-3000:]
+# Counts each rank's gradient all-reduces (one per step: the first big one of a step, Muon's come after it, smaller)
+# and prints the count as the rank exits.
+COUNT_STEPS = """import os
+if "RANK" in os.environ:
+    import torch.distributed as dist
+    n, size, reduce, exit_ = [0], [], dist.all_reduce, os._exit
+    def all_reduce(t, *args, **kwargs):
+        size[:] = size or ([t.numel()] if t.numel() > 1000 else [])
+        n[0] += size == [t.numel()]
+        return reduce(t, *args, **kwargs)
+    dist.all_reduce = all_reduce
+    os._exit = lambda code: (print(f"rank{os.environ['RANK']} gradient_all_reduces:{n[0]}", flush=True), exit_(code))
+"""
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory, corpus):
+    """Two `./run.sh train` launches on 2 processes at once in one project copy: "ddp" left alone, "stop" sent
+    SIGTERM (to torchrun, as a scheduler does) once its log shows step 4 of 12."""
+    project = project_copy(tmp_path_factory.mktemp("ddp"))
+    (project / "hook").mkdir()
+    (project / "hook" / "sitecustomize.py").write_text(COUNT_STEPS)
+    env = {**TINY, "NPROC": "2", "TTT_ENABLED": "0", "PYTHONPATH": str(project / "hook")}
+    jobs = [(*sh_command(project, "train", **env, RUN_ID="ddp"), "", 0),
+            (*sh_command(project, "train", **env, RUN_ID="stop"), "step:4/12 train_loss", signal.SIGTERM)]
+    return project, env, *run_signalled(jobs)
+
+
+def test_train_launches_torchrun_for_several_processes(ddp):
+    project, _, r, _ = ddp
+    assert r.returncode == 0, r.stdout[-3000:]
     assert "world_size:2" in r.stdout and final_line(r.stdout)
     assert (project / "runs/ddp/final_model.int6.ptz").is_file()
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_resume_equals_uninterrupted(ddp):
+    """torchrun passes SIGTERM to both ranks, which reach it at different moments: they agree (on the vote summed
+    by the gradient all-reduce, read every 4 steps) to stop after step 8, both after exactly 8 steps; rank 0 writes
+    one checkpoint and the stop line; torchrun's own exception is one line; exit 143. RESUME=1 ends as "ddp"."""
+    project, env, plain, r = ddp
+    assert r.returncode == 143 and "Traceback" not in r.stdout, r.stdout[-3000:]
+    ckpt = "runs/stop/checkpoints/ckpt_0000008.pt"  # RUNS_DIR=runs, in the project
+    stop = f"stopped: SIGTERM at step 8/12; checkpoint {ckpt}; continue with RESUME=1"
+    assert [l for l in r.stdout.splitlines() if l.startswith(("stopped:", "torchrun:", "error"))] == \
+        [stop, "torchrun: stopped by SIGTERM; the workers were passed it (their lines are above)"], r.stdout[-3000:]
+    assert sorted(l for l in r.stdout.splitlines() if "gradient_all_reduces:" in l) == \
+        ["rank0 gradient_all_reduces:8", "rank1 gradient_all_reduces:8"], r.stdout[-3000:]
+    assert [p.name for p in (project / ckpt).parent.iterdir()] == ["ckpt_0000008.pt"]
+    resumed = run_sh(project, "train", **env, RUN_ID="stop", RESUME="1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resume:{ckpt} step:8" in resumed.stdout
+    assert final_line(resumed.stdout) == final_line(plain.stdout)
 
 
 def test_several_processes_refuse_before_launch_and_report_a_rank_error_once(tmp_path, corpus):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, clean_env, final_line, run_script, tg
+from conftest import ROOT, TINY, clean_env, final_line, run_script, run_signalled, tg, train_gpt_job
 
 pytestmark = pytest.mark.usefixtures("corpus")
 
@@ -435,3 +435,94 @@ def test_two_process_torchrun_equals_grad_accumulation(tmp_path):
     assert c1["data"] == c2["data"] and c1["step"] == c2["step"] == 8
     for k, v in c1["model"].items():
         assert torch.allclose(v, c2["model"][k], rtol=1e-3, atol=1e-4), k
+
+
+
+# ---------------------------------------------------------------------------------------------- 8. priming divergence
+
+def test_priming_divergence_is_forgotten(monkeypatch):
+    """The untimed priming steps (full LR, no clip) may diverge: here the weights turn NaN before each priming
+    step, so its loss, gradients, optimizer moments and EMA all go non-finite. The real run must not notice: it
+    trains to the end with finite losses and ends in exactly the state of the same run without priming."""
+    from conftest import tiny_hp
+    step, log = tg.Trainer.train_step, []
+
+    def recorded(self, lr_mult, priming=False):  # priming diverges when the test asks for it
+        if priming and nan_priming:
+            with torch.no_grad():
+                for p in self.params:
+                    p.fill_(float("nan"))
+        loss = step(self, lr_mult, priming)
+        log.append((priming, float(loss)))
+        return loss
+
+    def train(prime_steps: int) -> dict:
+        hp = tiny_hp(prime_steps=prime_steps, iterations=6, warmdown_iters=2, ema_decay=0.9, train_log_every=1)
+        rt = tg.Runtime()
+        torch.manual_seed(hp.seed)
+        rt.compiled = model = tg.GPT(hp)
+        trainer = tg.Trainer(hp, rt, model, tg.TokenStream(tg.shard_files(hp.data_path, "train")))
+        trainer.prime()
+        trainer.run(lambda m: (0.0, 0.0))
+        return trainer.state()
+
+    monkeypatch.setattr(tg.Trainer, "train_step", recorded)
+    nan_priming = True
+    state = train(prime_steps=3)
+    primed, real = [v for p, v in log if p], [v for p, v in log if not p]
+    assert len(primed) == 3 and not any(map(math.isfinite, primed)), primed  # every priming step diverged
+    assert len(real) == 6 and all(map(math.isfinite, real)), real
+    nan_priming, log[:] = False, []
+    assert_same(state, train(prime_steps=0))
+    assert [v for _, v in log] == real
+
+
+# ---------------------------------------------------------------------------------------------- 9. stop signals
+
+STOPPED = re.compile(r"^stopped: (SIG\w+) at step (\d+)/16; checkpoint (\S+); continue with RESUME=1$", re.M)
+
+
+def test_stop_signal_checkpoints_at_a_step_boundary_and_resume_equals_uninterrupted(run_a, runs):
+    """SIGTERM / SIGUSR1 (a scheduler's preemption) once the log shows step 5, with periodic checkpoints off: the
+    step in flight finishes, the run writes a checkpoint where RESUME=1 looks, logs one line and exits with 128 +
+    the signal's number. RESUME=1 then ends exactly as run A, which was never interrupted."""
+    cfg = {**CFG_A, "CHECKPOINT_EVERY": "0", "TRAIN_LOG_EVERY": "1", "RUNS_DIR": str(runs)}
+    sigs = {"term": signal.SIGTERM, "usr1": signal.SIGUSR1}
+    stopped = run_signalled([train_gpt_job({**cfg, "RUN_ID": name}, "step:5/16 train_loss", sig)
+                             for name, sig in sigs.items()])
+    for (name, sig), r in zip(sigs.items(), stopped):
+        assert r.returncode == 128 + sig, f"exit {r.returncode}\n{r.stdout[-3000:]}"
+        assert "Traceback" not in r.stdout and len(STOPPED.findall(r.stdout)) == 1, r.stdout[-3000:]
+        how, step, path = STOPPED.search(r.stdout).groups()
+        assert how == sig.name and int(step) in (5, 6), r.stdout[-3000:]  # signalled after step 5 or during 6
+        assert [p.name for p in ckpt_files(runs / name / "checkpoints")] == [f"ckpt_{int(step):07d}.pt"]
+        assert Path(path) == runs / name / "checkpoints" / f"ckpt_{int(step):07d}.pt"
+        assert load_ckpt(Path(path))["step"] == int(step)
+        assert [int(m[1]) for m in map(TRAIN_LINE.match, r.stdout.splitlines()) if m] == list(range(1, int(step) + 1))
+        assert not (runs / name / "final_model.pt").exists()
+        assert STOPPED.search((runs / name / "train.log").read_text())
+    resumed = run_signalled([train_gpt_job({**cfg, "RUN_ID": name, "RESUME": "1"}) for name in sigs])
+    for name, r in zip(sigs, resumed):
+        assert r.returncode == 0 and "stopped:" not in r.stdout, r.stdout[-3000:]
+        assert final_line(r.stdout) == final_line(run_a[1].stdout)
+        for prefix in EXACT_PREFIXES:
+            assert [l for l in r.stdout.splitlines() if l.startswith(prefix)] == \
+                [l for l in run_a[1].stdout.splitlines() if l.startswith(prefix)], prefix
+
+
+def test_stop_signal_during_final_evaluation_keeps_the_artifact(run_a, runs):
+    """Resumed at its last step from run A's checkpoints, a run goes straight to the artifact and its final (TTT)
+    evaluation; SIGTERM there ends it with one line naming the artifact, exit 143; the artifact is run A's, whole."""
+    a_dir, _ = run_a
+    copy_checkpoints(a_dir, runs / "fe")
+    env = {**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "fe", "RESUME": "1", "TTT_ENABLED": "1", "EVAL_STRIDE": "32"}
+    r, = run_signalled([train_gpt_job(env, "final_eval_mode:ttt", signal.SIGTERM)])
+    assert r.returncode == 143 and "Traceback" not in r.stdout, r.stdout[-3000:]
+    artifact = runs / "fe" / "final_model.int6.ptz"
+    lines = [l for l in r.stdout.splitlines() if l.startswith("stopped:")]
+    assert len(lines) == 1 and lines[0].startswith("stopped: SIGTERM during final evaluation; safe on disk: ") and \
+        f"artifact {artifact} " in lines[0], r.stdout[-3000:]
+    assert "final_int6_zstd-22_roundtrip_exact" not in r.stdout
+    assert artifact.read_bytes() == (a_dir / "final_model.int6.ptz").read_bytes()
+    assert sorted(p.name for p in (runs / "fe").iterdir()) == ["checkpoints", "final_model.int6.ptz",
+                                                                "final_model.pt", "train.log"]
