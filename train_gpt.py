@@ -755,16 +755,13 @@ class Runtime:
                 self.log_file.flush()
 
 
-def all_reduce_grads(params: list[nn.Parameter], world: int, vote: Tensor | None = None) -> None:
-    """Average gradients across ranks in one flat all-reduce (missing grads count as zeros). `vote` (one element)
-    rides along and comes back summed over the ranks: the stop flags agree without a collective of their own."""
+def all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
+    """Average gradients across ranks in one flat all-reduce (missing grads count as zeros)."""
     if world == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads] + ([] if vote is None else [vote]))
+    flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
-    if vote is not None:
-        vote.copy_(flat[-1:])
     flat /= world
     offset = 0
     for p, g in zip(params, grads):
@@ -778,28 +775,19 @@ class Stopped(BaseException):  # not an Exception: no `except Exception` on its 
 
 @dataclass
 class StopSignal:
-    """SIGTERM / SIGUSR1 (a scheduler's time limit or preemption; torchrun forwards SIGTERM, kills 30 s later). The
-    training loop only notes it and stops at a step boundary with a checkpoint; elsewhere it ends the run at once."""
+    """SIGTERM / SIGUSR1 (a scheduler's time limit or preemption; torchrun forwards SIGTERM, kills 30 s later). In
+    the "training" phase it is only noted: the loop stops at a step boundary with a checkpoint. In any other phase it
+    ends the run at once; files are written tmp + rename, so no final name ever holds a partial file."""
     signum: int = 0
     phase: str = "startup"
-    deferred: bool = False
-    kept: dict = field(default_factory=dict)  # what is safe on disk, for the line: name -> "path (how to use it)"
 
     def __call__(self, signum, frame) -> None:  # the handler; a second signal changes nothing
         first, self.signum = not self.signum, self.signum or signum
-        if first and not self.deferred:
+        if first and self.phase != "training":
             raise Stopped(signum, None)
-
-    def enter(self, phase: str, deferred: bool = False) -> None:
-        self.phase, self.deferred = phase, deferred
-        if self.signum and not deferred:
-            raise Stopped(self.signum, None)
 
 
 STOP = StopSignal()
-# Several processes read the agreed stop vote every 4 steps (a host sync): at 0.8 s/step that is ~3 s, 10 s on a
-# 3x slower GPU, well inside torchrun's 30 s grace with the checkpoint write; a sync per 4 steps costs nothing.
-STOP_CHECK_EVERY = 4
 
 
 def batch_split(hp: Hyperparameters, world: int) -> tuple[int, int]:
@@ -837,7 +825,7 @@ class Trainer:
         self.micro, self.accum = batch_split(hp, rt.world)
         self.step, self.train_ms = 0, 0.0
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
-        self.vote = torch.zeros(1, device=rt.device)  # > 0 once any rank got a stop signal (summed every step)
+        self.votes = torch.zeros((), device=rt.device)  # > 0 once any rank got a stop signal
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -877,15 +865,15 @@ class Trainer:
 
     def train_step(self, lr_mult: float, priming: bool = False) -> Tensor:
         hp = self.hp
-        total = torch.zeros((), device=self.rt.device)
+        total = torch.zeros(2, device=self.rt.device)  # the loss and this rank's stop vote
         for x, y in self.next_batch():
             with self.rt.autocast():
                 loss = self.rt.compiled(x, y).mean()
             (loss / self.accum).backward()
-            total += loss.detach() / self.accum
+            total[0] += loss.detach() / self.accum
         if STOP.signum:
-            self.vote.fill_(1.0)
-        all_reduce_grads(self.params, self.rt.world, self.vote)
+            total[1] = 1.0
+        all_reduce_grads(self.params, self.rt.world)
         if hp.grad_clip_norm > 0 and not priming:  # the published priming steps neither clip
             torch.nn.utils.clip_grad_norm_(self.params, hp.grad_clip_norm)
         mom = hp.muon_momentum if priming else muon_momentum(hp, self.step)  # nor warm the momentum up
@@ -904,12 +892,13 @@ class Trainer:
                 ema = list(self.ema.values())
                 torch._foreach_mul_(ema, hp.ema_decay)
                 torch._foreach_add_(ema, cur, alpha=1 - hp.ema_decay)
-        if self.rt.world > 1:
+        if self.rt.world > 1:  # the stop votes ride along: agreed without a collective of their own
             dist.all_reduce(total)
             total /= self.rt.world
-        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(total), self.step, self.bad_step)
+        self.votes += total[1]
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(total[0]), self.step, self.bad_step)
         self.step += 1
-        return total
+        return total[0]
 
     def check_finite(self) -> None:
         bad = int(self.bad_step)
@@ -950,7 +939,6 @@ class Trainer:
             for old in sorted(d.glob("ckpt_*.pt"))[:-2] + list(d.glob(".ckpt_*.tmp")):  # incl. leftovers of a kill
                 old.unlink(missing_ok=True)
             self.rt.log(f"checkpoint:{final} step:{self.step}")
-            STOP.kept["checkpoint"] = f"{final} (RESUME=1 goes on from it)"
         return final
 
     def resume(self) -> None:
@@ -969,31 +957,27 @@ class Trainer:
                 raise UserError(f"cannot resume from {path}: model config differs ({diff})")
             self.load_state(st)
             self.rt.log(f"resume:{path} step:{self.step}")
-            STOP.kept["checkpoint"] = f"{path} (RESUME=1 goes on from it)"
             return
         self.rt.log(f"resume: no valid checkpoint in {d}, starting from step 0")
 
     # -- the loop --------------------------------------------------------------------------------
     def stop_agreed(self, now: bool = False) -> bool:
-        """Stop after this step? One process: once it got a signal. Several: once the votes summed by the gradient
-        all-reduce say so, read at the same steps (every STOP_CHECK_EVERY) on all ranks, so all stop together."""
+        """Stop after this step? One process: once it got a signal. Several: once the votes summed by the loss's
+        all-reduce say so, read (a host sync) at the same steps on all ranks, so that all stop after the same step.
+        Every 4 steps: ~3 s at 0.8 s/step, 10 s on a 3x slower GPU, inside torchrun's 30 s grace with the write."""
         if self.rt.world == 1:
             return STOP.signum > 0
-        return (now or self.step % STOP_CHECK_EVERY == 0) and self.vote.item() > 0
+        return (now or self.step % 4 == 0) and self.votes.item() > 0
 
-    def stop(self, path: Path) -> None:
-        if self.rt.world > 1:
-            dist.barrier()  # rank 0 has written the checkpoint before any rank exits
+    def stop(self, path: Path) -> None:  # no barrier: torchrun gives rank 0 its 30 s grace to finish the write
         signum = STOP.signum or signal.SIGTERM  # a rank may stop on another rank's signal
-        line = (f"stopped: {signal.Signals(signum).name} at step {self.step}/{self.hp.iterations}; checkpoint {path}; "
-                "continue with RESUME=1")
-        self.rt.log(line)
-        raise Stopped(signum, line)
+        raise Stopped(signum, f"stopped: {signal.Signals(signum).name} at step {self.step}/{self.hp.iterations}; "
+                              f"checkpoint {path}; continue with RESUME=1")
 
     def run(self, evaluate) -> None:
         """Train to ITERATIONS (or the wall-clock cap); validation and checkpoint time is not counted."""
         hp, rt = self.hp, self.rt
-        STOP.enter("training", deferred=True)
+        STOP.phase = "training"
         t_mark, last = time.perf_counter(), (self.step, self.train_ms)
         now_ms = lambda: self.train_ms + (time.perf_counter() - t_mark) * 1000
         while True:
@@ -1579,7 +1563,6 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
               "wallclock_seconds": 0}
     standard = None
     if hp.eval_only:
-        STOP.kept["artifact"] = f"{hp.artifact} (untouched)"
         result["bytes_model"] = len(Path(hp.artifact).read_bytes())
         rt.log(f"eval_only artifact:{hp.artifact} bytes:{result['bytes_model']}")
     else:
@@ -1590,10 +1573,10 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         if hp.resume:
             trainer.resume()
         if trainer.step == 0:
-            STOP.enter("priming")
+            STOP.phase = "priming"
             trainer.prime()
         trainer.run(lambda m: evaluate(hp, rt, m, val, tables, 0))
-        STOP.enter("quantization")
+        STOP.phase = "quantization"
         result.update(training_steps=trainer.step, wallclock_seconds=round(trainer.train_ms / 1000))
         if rt.device.type == "cuda":
             rt.log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
@@ -1617,7 +1600,6 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
                 obj, stats = quantize_state_dict(model.state_dict(), hp.quant_embed)
                 blob = serialize_artifact(obj)
             atomic_save(blob, path)
-            STOP.kept["artifact"] = f"{path} (./run.sh eval scores it)"
             rt.log(f"quant: rows:{stats['rows']} floor_rows:{stats['floor_rows']} floor_fraction:"
                    f"{stats['floor_rows'] / max(stats['rows'], 1):.4f} time:{time.perf_counter() - t0:.1f}s")
         if rt.world > 1:
@@ -1627,7 +1609,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         q_loss, q_bpb = evaluate(hp, rt, model, val, tables, 0)
         rt.log(f"quant_eval val_loss:{q_loss:.8f} val_bpb:{q_bpb:.8f} quant_gap_bpb:{q_bpb - float_bpb:+.6f}")
         standard = (q_loss, q_bpb)
-    STOP.enter("final evaluation")
+    STOP.phase = "final evaluation"
     result["bytes_total"] = result["bytes_model"] + code_bytes
     rt.log(f"bytes_model:{result['bytes_model']} bytes_code:{code_bytes} bytes_total:{result['bytes_total']} "
            f"limit:{hp.artifact_limit_bytes}")
@@ -1661,11 +1643,12 @@ def write_submission(hp: Hyperparameters, rt: Runtime, r: dict) -> None:
 
 
 def report_stop(rt: Runtime | None, signum: int, line: str | None) -> int:
-    """The one line of a stop outside the training loop: what it interrupted and what is safe on disk."""
+    """The stop line (outside the training loop: what was interrupted, what is safe on disk); 128 + signum."""
     if line is None:
-        kept = ", ".join(f"{what} {path}" for what, path in STOP.kept.items()) or "nothing of this run"
-        line = f"stopped: {signal.Signals(signum).name} during {STOP.phase}; safe on disk: {kept}"
-        (rt or Runtime(rank=int(os.environ.get("RANK", "0")))).log(line)
+        kept = sorted(rt.run_dir.rglob("*.pt*")) if rt and rt.run_dir else []  # complete, as every file is
+        line = (f"stopped: {signal.Signals(signum).name} during {STOP.phase}; safe on disk: "
+                f"{', '.join(map(str, kept)) or 'nothing of this run'}")
+    (rt or Runtime(rank=int(os.environ.get("RANK", "0")))).log(line)
     return 128 + signum
 
 
@@ -1701,6 +1684,7 @@ def main() -> int:
     except Exception as e:  # a UserError is one line, anything else its traceback; under torchrun once, not per rank
         if STOP.signum:  # e.g. a collective broken by a peer that stopped first
             return report_stop(rt, STOP.signum, None)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here torchrun's SIGTERM ends a waiting rank quietly
         rank = int(os.environ.get("RANK", "0"))
         if not reports_error(rank):
             time.sleep(60)  # the reporting rank may still be printing: torchrun stops this process when it exits
