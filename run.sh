@@ -50,9 +50,11 @@ gpus() { "$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))"; }
 # printed that error once (exit 2); any other failure gets one line naming the rank and its exit code. A stop
 # signal (SIGTERM to torchrun, which passes it on; or to the workers): the workers' exit status 128 + signal
 # number (they have logged their stop line), torchrun's SignalException one line instead of a traceback.
+# torchrun would die of a SIGUSR1 (a scheduler's early warning) and leave its workers running: it is a SIGTERM.
 TORCHRUN='
-import logging, sys
+import logging, os, signal, sys
 from torch.distributed.run import main
+signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 logging.disable(logging.ERROR)  # its loggers set their own levels (e.g. the warning on a SIGTERM)
