@@ -15,6 +15,7 @@ import datetime
 import difflib
 import glob
 import heapq
+import inspect
 import io
 import json
 import math
@@ -235,12 +236,27 @@ class Hyperparameters:
         return {k: getattr(self, k) for k in keys}
 
 
+def knob_sections() -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """(section, [(KNOB, default, help)]) in the order of Hyperparameters, one section per comment line of its
+    field list: what --help prints, and docs/configuration.md (tests/gen_config_doc.py)."""
+    fields, sections = {f.name: f for f in dataclasses.fields(Hyperparameters)}, []
+    for line in inspect.getsource(Hyperparameters).splitlines():
+        name = line[4:].split(":")[0]
+        if line.startswith("    # "):
+            sections.append((line[6:], []))
+        elif name in fields:
+            d = fields[name].default
+            shown = str(int(d)) if isinstance(d, bool) else str(d) or "-"
+            sections[-1][1].append((name.upper(), shown, fields[name].metadata["help"]))
+    return [s for s in sections if s[1]]
+
+
 def help_text() -> str:
-    rows = [f"{f.name.upper():28s} {str(f.default)!s:38s} {f.metadata['help']}"
-            for f in dataclasses.fields(Hyperparameters)]
-    return ("usage: [KNOB=value ...] python train_gpt.py   (or torchrun --nproc_per_node=N train_gpt.py)\n"
-            "Every setting is an environment variable; defaults: the seed's run, LR schedule as its summary.\n\n"
-            f"{'KNOB':28s} {'DEFAULT':38s} MEANING\n" + "\n".join(rows))
+    out = ["usage: [KNOB=value ...] python train_gpt.py   (or torchrun --nproc_per_node=N train_gpt.py)",
+           "Every setting is an environment variable; defaults: the seed's run, LR schedule as its summary."]
+    for title, rows in knob_sections():
+        out += ["", f"[{title}]"] + [f"{name:28s} {default:38s} {meaning}" for name, default, meaning in rows]
+    return "\n".join(out)
 
 
 # The published run's val_bpb (float weights, standard eval) at steps 0, 500, ..., 25,000: the reference curve.

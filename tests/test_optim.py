@@ -479,7 +479,7 @@ def test_train_step_matches_hand_written_steps(corpus, monkeypatch, clip):
 # ----------------------------------------------------------------------------------------------
 
 SEED = dict(train_batch_tokens=786432, train_seq_len=2048, rope_train_seq_len=2048, micro_batch_seqs=48)
-SEED_SPLITS = {1: (48, 8), 2: (48, 4), 3: (32, 4), 4: (48, 2), 6: (32, 2), 8: (48, 1)}  # the README's table
+SEED_SPLITS = {1: (48, 8), 2: (48, 4), 3: (32, 4), 4: (48, 2), 6: (32, 2), 8: (48, 1)}  # docs/reproduce.md's table
 
 
 def test_batch_split_of_the_seed_batch_for_1_to_8_processes():
