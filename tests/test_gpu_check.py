@@ -2,6 +2,7 @@
 every row, and a step that runs out of time leaving the others and the table. Never timing: the GPU measures."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -89,3 +90,40 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
     assert rows["pipeline (train, artifact, TTT): val_bpb, eval time"][1] == "2.5, 9000ms"
     assert rows["step eval_only"][1] == rows[LABELS[18]][1] == "skipped (budget spent)"
     assert rows["kernel 1"][1] == "20.0% of the step, 120.00 ms: triton_per_fused_a b" and rows["kernel 2"][1] == "—"
+
+
+FAKE_PEER = '''import json, os
+knobs = {k: os.environ.get(k) for k in ("NUM_KV_HEADS", "MLP_HIDDEN", "LATE_QAT", "ITERATIONS", "WARMUP_STEPS",
+                                        "TRAIN_BATCH_TOKENS", "DATA_PATH")}
+knobs["cwd"] = os.getcwd()
+json.dump(knobs, open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "knobs.json"), "w"))
+for step in range(1, int(knobs["ITERATIONS"]) + 1):
+    ms = 1000 + 600 * step + (300 if step == 1 else 0)  # the first step is slower: not in the steady time
+    print(f"step:{step}/{knobs['ITERATIONS']} train_loss:6.9 train_time:{ms}ms step_avg:1.0ms")
+print("peak memory allocated: 23940 MiB reserved: 25000 MiB")
+print("ttt_sliding:start chunks=2 chunk_tokens=32768")
+print("ttt_sliding:done val_loss=2.1 val_bpb=1.2 elapsed=2.6s")
+'''
+
+
+def test_bench_peer_runs_the_published_script_with_the_published_knobs_and_reads_its_lines(tmp_path):
+    """PEER_SCRIPT (here a stand-in that prints the published script's log lines): run in a scratch folder with the
+    published run's knobs, BENCH_STEPS + 2 iterations after PRIME_STEPS warm-up steps; the steady step time comes
+    from its logged train_time between the second and the last step, then its peak memory and TTT s/chunk."""
+    fake = tmp_path / "peer.py"
+    fake.write_text(FAKE_PEER)
+    env = clean_env(**dict(TINY_CHECK, PEER_SCRIPT=str(fake), PRIME_STEPS="3", BENCH_STEPS="4"))
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "bench.py"), "peer"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = r.stdout
+    knobs = json.loads((tmp_path / "knobs.json").read_text())
+    assert {k: knobs[k] for k in ("NUM_KV_HEADS", "MLP_HIDDEN", "LATE_QAT", "ITERATIONS", "WARMUP_STEPS")} == \
+        {"NUM_KV_HEADS": "4", "MLP_HIDDEN": "1536", "LATE_QAT": "0", "ITERATIONS": "6", "WARMUP_STEPS": "3"}
+    assert knobs["TRAIN_BATCH_TOKENS"] == "1024" and knobs["DATA_PATH"] == TINY["DATA_PATH"]
+    assert not knobs["cwd"].startswith(str(ROOT))  # its logs/ and final_model.* go to a scratch folder
+    [line] = [l for l in log.splitlines() if l.startswith("bench_peer machine:")]
+    assert " step_ms:600.0 tok_s:1707 peak_mem_mib:23940 " in line and line.endswith(" steps:4"), line
+    assert "bench_peer_ttt chunks:2 epochs:10 ttt_s:2.60 s_per_chunk:1.300 " in log
+    table = gpu_check_table.table("gpu_check:bench_peer start:x\n" + log + "\ngpu_check:bench_peer rc:0 secs:9")
+    assert "| training step (ms) | not run | 600.0 |  |" in table
