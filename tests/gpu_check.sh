@@ -15,8 +15,9 @@
 #   5. eval_only (50 s): EVAL_ONLY of that artifact: the same final line, and whether it found the compiled code of
 #      step 4 in the compile cache ($OUT/compile_cache, shared by every step).
 # Data: DATA_PATH/TOKENIZER_PATH if set, else FineWeb where `./run.sh data` puts it, else the test suite's generated
-# corpus (tests/corpus.py, built once into tests/.cache). A missing zstandard is installed from device/*.whl. To
-# prepare a lent device (no internet there), in the repo:
+# corpus (tests/corpus.py, built once into tests/.cache). Our steps score at most VAL_MAX_TOKENS (65,537: two TTT
+# chunks); the published script validates its whole split (fine on the corpus' 56 k tokens, minutes on FineWeb's).
+# A missing zstandard is installed from device/*.whl. To prepare a lent device (no internet there), in the repo:
 #   mkdir -p device && python3 -m pip download --no-deps --only-binary=:all: \
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d device zstandard
 # then run `tests/gpu_check.sh` there with device/ (and tests/.cache, to skip building the corpus) carried; both are
@@ -58,10 +59,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 bench_knobs=(PRIME_STEPS="${PRIME_STEPS:-3}" BENCH_STEPS="${BENCH_STEPS:-10}")
 step bench_train 110 env "${bench_knobs[@]}" "$PY" tests/bench.py train --profile
 step bench_peer 100 env "${bench_knobs[@]}" "$PY" tests/bench.py peer
-step bench_ttt 90 env BENCH_SEED_CONFIG=1 TTT_EPOCHS="${BENCH_TTT_EPOCHS:-10}" "$PY" tests/bench.py ttt
+step bench_ttt 90 env BENCH_SEED_CONFIG=1 TTT_EPOCHS="${BENCH_TTT_EPOCHS:-10}" \
+  VAL_MAX_TOKENS="${VAL_MAX_TOKENS:-65537}" "$PY" tests/bench.py ttt
 run_knobs=(RUNS_DIR="$OUT/runs" ITERATIONS="${ITERATIONS:-20}" WARMDOWN_ITERS="${WARMDOWN_ITERS:-5}"
            VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-0}" TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-196608}"
-           PRIME_STEPS="${RUN_PRIME_STEPS:-3}")
+           PRIME_STEPS="${RUN_PRIME_STEPS:-3}" VAL_MAX_TOKENS="${VAL_MAX_TOKENS:-65537}")
 rm -rf "$OUT/runs/gpu_check" "$OUT/runs/gpu_check_eval"
 step pipeline 100 env "${run_knobs[@]}" RUN_ID=gpu_check "$PY" train_gpt.py
 step eval_only 50 env "${run_knobs[@]}" RUN_ID=gpu_check_eval EVAL_ONLY=1 \
