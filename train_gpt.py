@@ -17,6 +17,7 @@ import glob
 import heapq
 import inspect
 import io
+import itertools
 import json
 import math
 import os
@@ -98,6 +99,8 @@ class Hyperparameters:
     train_seq_len: int = knob(2048, "tokens per training/eval window", lo=2)
     train_batch_tokens: int = knob(786432, "global batch in tokens (independent of GPU count)", lo=1)
     micro_batch_seqs: int = knob(48, "sequences per GPU per micro-step (lower it on small GPUs)", lo=1)
+    micro_batch_pieces: int = knob(0, "micro-steps stacked into one forward/backward, data order unchanged "
+                                   "(0 = auto: what ~2/3 of the free GPU memory holds; 1 on the CPU)", lo=0)
     iterations: int = knob(25000, "optimizer steps", lo=0)
     warmup_steps: int = knob(20, "linear LR warm-up steps", lo=0)
     warmdown_iters: int = knob(13000, "LR warm-down steps at the end", lo=0)
@@ -147,6 +150,8 @@ class Hyperparameters:
     artifact: str = knob("", "artifact (.ptz) for EVAL_ONLY")
     device: str = knob("auto", "compute device", choices=("auto", "cpu", "cuda"))
     compile: str = knob("auto", "torch.compile the model (auto = on CUDA)", choices=("auto", "0", "1"))
+    compile_cache_dir: str = knob("", "torch.compile's code caches (inductor FX graphs, AOTAutograd), reused by "
+                                  "later runs here, e.g. EVAL_ONLY after training (default RUNS_DIR/compile_cache)")
     autocast: str = knob("auto", "bf16 autocast of every forward (auto = on CUDA; off = float32/TF32)",
                          choices=("auto", "bf16", "off"))
     submission_author: str = knob("", "author field of submission.json")
@@ -658,23 +663,24 @@ def param_roles(model: GPT) -> dict[str, tuple[str, int]]:
 
 
 def newton_schulz(G: Tensor, steps: int) -> Tensor:
-    """Approximate U V^T of G = U S V^T with the quintic iteration of the seed (bf16)."""
+    """Approximate U V^T of G = U S V^T with the quintic iteration of the seed (bf16). G may be a stack of
+    same-shape matrices: each is normalised on its own, and the iteration runs on all of them at once."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16()
-    X = X / (X.norm() + 1e-7)
-    tall = X.size(0) > X.size(1)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    tall = X.size(-2) > X.size(-1)
     if tall:
-        X = X.T
+        X = X.mT
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X.T if tall else X
+    return X.mT if tall else X
 
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum -> Newton-Schulz -> sqrt(max(1, rows/cols)) scale, decoupled weight decay.
-    Every rank keeps all momentum buffers (cheap, and checkpoints stay rank-independent); rank r
-    orthogonalises matrices r, r+W, ... and one all-reduce sums the updates."""
+    Every rank keeps all momentum buffers (cheap, and checkpoints stay rank-independent); of each matrix shape,
+    rank r orthogonalises matrices r, r+W, ... in one batched call, and one all-reduce sums the updates."""
 
     def __init__(self, groups, momentum: float, steps: int, wd: float, ns=newton_schulz, update_dtype=torch.float32):
         super().__init__(groups, dict(lr=0.0, momentum=momentum, steps=steps, wd=wd))
@@ -684,21 +690,25 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        flat = torch.zeros(sum(p.numel() for p, _ in params), dtype=self.update_dtype, device=params[0][0].device)
-        offset = 0
-        for i, (p, g) in enumerate(params):
-            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-            buf.mul_(g["momentum"]).add_(p.grad)
-            if i % world == rank:
-                u = self.ns(p.grad.add(buf, alpha=g["momentum"]), g["steps"])
-                flat[offset:offset + p.numel()] = u.flatten().to(flat.dtype) * max(1.0, p.size(0) / p.size(1)) ** 0.5
-            offset += p.numel()
+        nesterov = []  # g + m * buf, once buf = m * buf + g
+        for g in self.param_groups:
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in g["params"]]
+            grads = [p.grad for p in g["params"]]
+            torch._foreach_mul_(bufs, g["momentum"])
+            torch._foreach_add_(bufs, grads)
+            nesterov += torch._foreach_add(grads, bufs, alpha=g["momentum"])
+        offsets = [0, *itertools.accumulate(p.numel() for p, _ in params)]
+        flat = torch.zeros(offsets[-1], dtype=self.update_dtype, device=params[0][0].device)
+        for rows, cols in dict.fromkeys(p.shape for p, _ in params):  # each shape once
+            mine = [i for i, (p, _) in enumerate(params) if p.shape == (rows, cols)][rank::world]
+            if mine:
+                U = self.ns(torch.stack([nesterov[i] for i in mine]), params[mine[0]][1]["steps"])
+                for i, u in zip(mine, U.to(flat.dtype) * max(1.0, rows / cols) ** 0.5):
+                    flat[offsets[i]:offsets[i + 1]] = u.flatten()
         if world > 1:
             dist.all_reduce(flat)
-        offset = 0
-        for p, g in params:
-            p.mul_(1 - g["lr"] * g["wd"]).add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-g["lr"])
-            offset += p.numel()
+        for (p, g), o0, o1 in zip(params, offsets, offsets[1:]):
+            p.mul_(1 - g["lr"] * g["wd"]).add_(flat[o0:o1].view_as(p).to(p.dtype), alpha=-g["lr"])
 
 
 def build_optimizers(hp: Hyperparameters, model: GPT, compile_ns: bool = False) -> list[torch.optim.Optimizer]:
@@ -798,6 +808,19 @@ def batch_split(hp: Hyperparameters, world: int) -> tuple[int, int]:
     return micro, share // micro
 
 
+def micro_pieces(hp: Hyperparameters, rt: Runtime, micro: int, accum: int) -> tuple[int, str]:
+    """(pieces per forward/backward, why): the largest divisor of the accumulation steps <= MICRO_BATCH_PIECES."""
+    if hp.micro_batch_pieces:
+        want, why = hp.micro_batch_pieces, "MICRO_BATCH_PIECES"
+    elif rt.device.type != "cuda":
+        want, why = 1, "auto_cpu"
+    else:  # measured on an H200: 48 x 2048 tokens of the seed model (512 wide, 11 blocks) take ~26 GB
+        piece = 26e9 * micro * hp.train_seq_len * hp.model_dim * hp.num_layers / (48 * 2048 * 512 * 11)
+        free = torch.cuda.mem_get_info(rt.device)[0]
+        want, why = int(free * 2 / 3 // piece), f"auto_free_{free / 2**30:.0f}GiB_per_piece_{piece / 2**30:.0f}GiB"
+    return max(d for d in range(1, min(max(want, 1), accum) + 1) if accum % d == 0), why
+
+
 def warn_short_ema(hp: Hyperparameters, rt: Runtime, step_ms: float = 0.0) -> None:
     """At start (with a wall-clock cap: once the step time is known) warn if the EMA would keep > 5% of the init."""
     wall = hp.max_wallclock_seconds > 0
@@ -818,6 +841,7 @@ class Trainer:
         self.kept = [p for p in self.params if id(p) not in owned] if hp.compat_pr644 else []
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if hp.ema_decay > 0 else None
         self.micro, self.accum = batch_split(hp, rt.world)
+        self.pieces = micro_pieces(hp, rt, self.micro, self.accum)[0]
         self.step, self.train_ms = 0, 0.0
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
 
@@ -860,11 +884,13 @@ class Trainer:
     def train_step(self, lr_mult: float, priming: bool = False) -> Tensor:
         hp = self.hp
         total = torch.zeros((), device=self.rt.device)
-        for x, y in self.next_batch():
+        batch, k, n = self.next_batch(), self.pieces, self.accum // self.pieces
+        for j in range(0, self.accum, k):  # k pieces of the data order per forward: the same mean over the batch
+            x, y = (torch.cat(t) for t in zip(*batch[j:j + k]))
             with self.rt.autocast():
                 loss = self.rt.compiled(x, y).mean()
-            (loss / self.accum).backward()
-            total += loss.detach() / self.accum
+            (loss / n).backward()
+            total += loss.detach() / n
         all_reduce_grads(self.params, self.rt.world)
         if hp.grad_clip_norm > 0 and not priming:  # the published priming steps neither clip
             torch.nn.utils.clip_grad_norm_(self.params, hp.grad_clip_norm)
@@ -1518,7 +1544,9 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     log_header(hp, rt)
     rt.log(f"model_params:{n_params}")
     if split:
-        rt.log(f"batch: global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{split[0]} grad_accum:{split[1]}")
+        pieces, why = micro_pieces(hp, rt, *split)
+        rt.log(f"batch: global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{split[0]} grad_accum:{split[1]} "
+               f"pieces_per_forward:{pieces} forward_seqs:{pieces * split[0]} forwards:{split[1] // pieces} why:{why}")
         warn_short_ema(hp, rt)
     if hp.dry_run:
         n_train = sum(len(s) for s in stream.shards) if stream else 0
@@ -1529,6 +1557,9 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     # scoring, TTT's step; Newton-Schulz a few (matrix shapes). The run logs the count at its end.
     if rt.compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+        cache = Path(hp.compile_cache_dir or Path(hp.runs_dir) / "compile_cache").resolve()
+        rt.log(f"compile_cache: dir:{cache} warm:{int(cache.is_dir() and any(cache.iterdir()))}")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # read by inductor when it first compiles
     rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
     code_bytes = len(Path(__file__).read_bytes())
     result = {"bytes_code": code_bytes, "parameters": n_params, "seed": hp.seed, "training_steps": 0,
@@ -1586,6 +1617,9 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     if rt.compile:  # dynamo's own counters; more graphs for more data would mean a recompile per chunk or length
         stats = torch._dynamo.utils.counters
         rt.log(f"compile: graphs:{stats['stats']['unique_graphs']} graph_breaks:{sum(stats['graph_break'].values())}")
+        rt.log(f"compile_cache: fx_graph_hits:{stats['inductor']['fxgraph_cache_hit']} "
+               f"misses:{stats['inductor']['fxgraph_cache_miss']} aot_autograd_hits:"
+               f"{stats['aot_autograd']['autograd_cache_hit']} misses:{stats['aot_autograd']['autograd_cache_miss']}")
     if rt.main:
         write_submission(hp, rt, result)
     if rt.world > 1:
