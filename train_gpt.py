@@ -1043,7 +1043,8 @@ def is_int6(name: str, t: Tensor, quant_embed: bool) -> bool:
 
 # GPTQ (QUANT_METHOD=gptq): the same grid, better codes. Columns are rounded one at a time (largest Hessian
 # diagonal first) and each one's error is pushed onto the columns not yet rounded, weighted by the layer's input
-# Hessian H = sum x x^T from training tokens; tables that are only looked up have no such input and keep nearest.
+# Hessian H = sum x x^T from training tokens. The tied tok_emb uses the head's input (measured: less than half
+# lite's gap); tables that are only looked up (BigramHash, value embeddings) have no such input: nearest.
 def calibration_batches(hp: Hyperparameters, rt: Runtime, train_files: list[str]) -> list[tuple[Tensor, Tensor]]:
     """GPTQ_CALIB_SEQS windows of TRAIN_SEQ_LEN from the start of the training stream (never validation tokens);
     rank r takes windows r, r+W, ... in micro-batches."""
@@ -1055,13 +1056,16 @@ def calibration_batches(hp: Hyperparameters, rt: Runtime, train_files: list[str]
 
 @torch.no_grad()
 def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
-    """Input Hessian of every nn.Linear (keyed by its weight's name) over this rank's batches, in fp64, summed
-    over the ranks; forward hooks on the model's one forward, under the run's autocast."""
-    names = {m: n + ".weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    H = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=rt.device) for m, k in names.items()}
+    """Input Hessian of every nn.Linear and of the tied head (tok_emb.weight), keyed by the weight's name, over this
+    rank's batches in fp64, summed over the ranks; forward hooks on the model's one forward, under its autocast."""
+    last = model.blocks[-1]  # the head reads rms(last block's output), as GPT.forward computes it
+    names = {m: n + ".weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)} | {last: "tok_emb.weight"}
+    dims = {k: model.hp.model_dim if m is last else m.in_features for m, k in names.items()}
+    H = {k: torch.zeros(d, d, dtype=torch.float64, device=rt.device) for k, d in dims.items()}
 
-    def add(mod: nn.Linear, inp: tuple, out: Tensor) -> None:  # each batch's x^T x in fp32, the sum in fp64
-        x = inp[0].reshape(-1, inp[0].size(-1)).float()
+    def add(mod: nn.Module, inp: tuple, out: Tensor) -> None:  # each batch's x^T x in fp32, the sum in fp64
+        x = rms(out) if mod is last else inp[0]
+        x = x.reshape(-1, x.size(-1)).float()
         H[names[mod]] += (x.T @ x).double()
     hooks = [m.register_forward_hook(add) for m in names]
     for x, y in batches:

@@ -3,7 +3,8 @@
     <the run's knobs in the environment> python tests/quant_study.py RUN_DIR/final_model.pt
 
 Rows: lite (the seed's quantizer), lite+gptq, QUANT_TARGET_BYTES at lite's bytes, and the same + gptq; each GPTQ
-row also with the tied tok_emb rounded by GPTQ on the head's input Hessian (the final normed hidden states).
+row with GPTQ on the linear layers only, then as QUANT_METHOD=gptq does, with the tied tok_emb too (rounded on the
+head's input Hessian, the final normed hidden states).
 Calibration and sensitivity read the start of the training stream, as train_gpt.run() does. Not a test."""
 from __future__ import annotations
 
@@ -32,15 +33,7 @@ def main(ckpt: str) -> None:
     print(f"float val_bpb:{float_bpb:.6f} params:{sum(p.numel() for p in model.parameters())}", flush=True)
 
     t0 = time.perf_counter()
-    batches = tg.calibration_batches(hp, rt, files)
-    head = torch.zeros(hp.model_dim, hp.model_dim, dtype=torch.float64)
-
-    def head_hook(mod, inp, out):  # the tied head's input: rms of the last block's output
-        x = tg.rms(out).reshape(-1, out.size(-1)).float()
-        head.add_((x.T @ x).double())
-    handle = model.blocks[-1].register_forward_hook(head_hook)
-    H = tg.collect_hessians(model, batches, rt)
-    handle.remove()
+    H = tg.collect_hessians(model, tg.calibration_batches(hp, rt, files), rt)
     t_calib = time.perf_counter() - t0
     stream = tg.TokenStream(files)
     T, m = hp.train_seq_len, hp.micro_batch_seqs
@@ -56,8 +49,8 @@ def main(ckpt: str) -> None:
         tg.load_weights(model, sd, ckpt)
         return bpb - float_bpb
 
-    gptq = {"H": H, "damp": hp.gptq_damp}
-    gptq_emb = {"H": {**H, "tok_emb.weight": head}, "damp": hp.gptq_damp}
+    gptq = {"H": {k: v for k, v in H.items() if k != "tok_emb.weight"}, "damp": hp.gptq_damp}  # linear layers only
+    gptq_emb = {"H": H, "damp": hp.gptq_damp}  # QUANT_METHOD=gptq: tok_emb too, on the head's input Hessian
     rows = []
     t0 = time.perf_counter()
     lite, _ = tg.quantize_state_dict(sd, hp.quant_embed)

@@ -54,8 +54,9 @@ def test_correlated_hessian_lowers_weighted_error_on_the_same_grid():
     assert err == pytest.approx(err_one_block, rel=1e-4)
 
 
+# int6: mlp up/down 768x96 / 96x768 (linear layers), tok_emb 1024x96 (the tied head), the BigramHash table 4200x16
 CFG = dict(num_layers=2, model_dim=96, mlp_hidden=768, ve_layers="1", xsa_layers=1, train_seq_len=64,
-           rope_train_seq_len=64)  # mlp up/down 768x96 / 96x768 are int6 linear layers, tok_emb an int6 table
+           rope_train_seq_len=64, bigram_buckets=4200)
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +77,12 @@ def test_gptq_artifact_loads_with_the_reader_and_evaluates_as_in_memory(calibrat
     lite, _ = tg.quantize_state_dict(sd, True)
     linear = {"blocks.0.mlp.up_proj.weight", "blocks.0.mlp.down_proj.weight", "blocks.1.mlp.up_proj.weight",
               "blocks.1.mlp.down_proj.weight"}
-    assert set(stats["herr"]) == linear  # GPTQ rounds the linear layers; tok_emb and the tables keep nearest
+    rounded = linear | {"tok_emb.weight"}  # the linear layers and the tied head; the tables keep nearest
+    assert set(stats["herr"]) == rounded and "bigram_emb.embed.weight" in obj["quantized"]
     assert all(g < n for g, n in stats["herr"].values())
     for k in obj["quantized"]:  # the same grid as the seed's quantizer; other codes only where GPTQ rounded
         assert torch.equal(obj["scales"][k], lite["scales"][k])
-        assert torch.equal(obj["quantized"][k], lite["quantized"][k]) == (k not in linear), k
+        assert torch.equal(obj["quantized"][k], lite["quantized"][k]) == (k not in rounded), k
     path = tmp_path / "final_model.int6.ptz"
     path.write_bytes(tg.serialize_artifact(obj))
     x, y = calibrated["held"]
