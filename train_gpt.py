@@ -1043,8 +1043,8 @@ def is_int6(name: str, t: Tensor, quant_embed: bool) -> bool:
 
 # GPTQ (QUANT_METHOD=gptq): the same grid, better codes. Columns are rounded one at a time (largest Hessian
 # diagonal first) and each one's error is pushed onto the columns not yet rounded, weighted by the layer's input
-# Hessian H = sum x x^T from training tokens. The tied tok_emb uses the head's input (measured: less than half
-# lite's gap); tables that are only looked up (BigramHash, value embeddings) have no such input: nearest.
+# Hessian H = sum x x^T from training tokens. The tied tok_emb uses the head's input (on a 3.4 M model: quant gap
+# +0.0045 bpb with it, +0.0100 without, lite +0.0117); tables only looked up (BigramHash, value embeddings): nearest.
 def calibration_batches(hp: Hyperparameters, rt: Runtime, train_files: list[str]) -> list[tuple[Tensor, Tensor]]:
     """GPTQ_CALIB_SEQS windows of TRAIN_SEQ_LEN from the start of the training stream (never validation tokens);
     rank r takes windows r, r+W, ... in micro-batches."""
