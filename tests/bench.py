@@ -1,7 +1,11 @@
 """Benchmarks (not tests): python tests/bench.py train|ttt|artifact [...] — prints key:value lines.
 
 train     training throughput (tokens/s per device), step time and peak memory at the seed config
-          (override any knob through the environment; on a CPU use a smaller config)
+          (override any knob through the environment; on a CPU use a smaller config); a line as soon as
+          compilation and priming end. `train --profile`: then the 20 most expensive kernels of one steady
+          step (CUDA kernels on a GPU, CPU operators on a CPU), each with its share of the step time
+peer      the published script (PEER_SCRIPT=path to it; CUDA only) on the same data and batch: its steady
+          step time, tokens/s, peak memory and compile+priming time (without PEER_SCRIPT: "not run")
 ttt       our score-first TTT against a straightforward implementation of the same protocol, same model
           and data, plus both results (they must agree)
 artifact  the artifact step of the 27 M-parameter model: quantize, serialize, zstd-22, read back, dequantize
@@ -12,6 +16,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +57,37 @@ def peak_mib() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def profile_step(trainer, top: int = 20) -> None:
+    """One more steady step under torch.profiler: the `top` kernels (a GPU) or operators (a CPU) by self time,
+    each with its share of the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = trainer.rt.device.type == "cuda"
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        trainer.train_step(1.0)
+        sync()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted((e for e in prof.key_averages() if e.device_type == kind and self_us(e) > 0), key=self_us,
+                    reverse=True)
+    shown = events[:top]
+    print(f"bench_profile what:{'cuda_kernels' if cuda else 'cpu_ops'} step_ms:{wall_us / 1000:.1f} "
+          f"kinds:{len(events)} top:{len(shown)} top_share:{sum(map(self_us, shown)) / wall_us:.1%} "
+          f"all_share:{sum(map(self_us, events)) / wall_us:.1%}")
+    for i, e in enumerate(shown, 1):
+        print(f"bench_profile_top rank:{i} share:{self_us(e) / wall_us:.1%} ms:{self_us(e) / 1000:.2f} "
+              f"calls:{e.count} name:{e.key[:100]}")
+
+
 def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
+    profile = "--profile" in sys.argv
     hp = tg.Hyperparameters.from_env()
     with tempfile.TemporaryDirectory() as tmp:
         if not os.path.isdir(hp.data_path):
@@ -62,12 +98,15 @@ def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
         model = tg.GPT(hp).to(rt.device)
         use_compile = compile_like_a_run(rt, model)
         trainer = tg.Trainer(hp, rt, model, tg.TokenStream(tg.shard_files(hp.data_path, "train")))
+        print(f"bench_train_start machine:{machine()} compile:{use_compile} prime_steps:{max(hp.prime_steps, 2)} "
+              f"pieces_per_forward:{trainer.pieces} why:{tg.micro_pieces(hp, rt, trainer.micro, trainer.accum)[1]}",
+              flush=True)
         t0 = time.perf_counter()
         for _ in range(max(hp.prime_steps, 2)):
             trainer.train_step(1.0)
-        sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
         sync()
         warm = time.perf_counter() - t0
+        print(f"bench_train_primed compile_and_priming_s:{warm:.1f}", flush=True)
         if rt.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -78,9 +117,11 @@ def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
         tok_s = hp.train_batch_tokens / dt
         mem = peak_mib()
         rt.log(f"bench_train machine:{machine()} world:{rt.world} micro_batch_seqs:{trainer.micro} accum:{trainer.accum} "
-               f"autocast:{'bf16' if rt.bf16 else 'off'} compile:{use_compile} "
+               f"pieces_per_forward:{trainer.pieces} autocast:{'bf16' if rt.bf16 else 'off'} compile:{use_compile} "
                f"warmup_s:{warm:.1f} step_ms:{dt * 1000:.1f} tok_s:{tok_s:.0f} tok_s_per_device:{tok_s / rt.world:.0f} "
                f"peak_mem_mib:{mem:.0f} params:{sum(p.numel() for p in model.parameters())}")
+        if profile:
+            profile_step(trainer)
 
 
 def straightforward_ttt(hp, rt, model, val: torch.Tensor, tables) -> tuple[float, float]:
@@ -89,7 +130,9 @@ def straightforward_ttt(hp, rt, model, val: torch.Tensor, tables) -> tuple[float
     under the run's autocast, as ours)."""
     T, C, stride = hp.train_seq_len, hp.ttt_chunk_tokens, hp.eval_stride
     n_targets = len(val) - 1
-    base, space, boundary = tables
+    device = next(model.parameters()).device  # the data where the model is (on a GPU: one copy of each, up front)
+    val = val.to(device)
+    base, space, boundary = (t.to(device) for t in tables)
     windows = []  # (start, first scored position in window)
     for s in range(0, n_targets, stride):
         off = 0 if s == 0 else T - stride
@@ -188,13 +231,79 @@ def bench_ttt() -> None:
     t_ref = time.perf_counter() - t0
     n_chunks = math.ceil((len(val) - 1) / hp.ttt_chunk_tokens)
     step_seqs = min(hp.ttt_batch_seqs, hp.ttt_chunk_tokens // hp.train_seq_len)  # the seed's: 16 of 32 (a chunk)
+    per_chunk = t_ours / n_chunks  # after the untimed two-chunk warm-up: compiled, steady
     print(f"bench_ttt_extrapolation full_split_chunks:1893 measured_chunks:{n_chunks} "
-          f"full_split_s_this_device:{t_ours / n_chunks * 1893:.0f} (divide by the GPU count for a node)")
+          f"ours_s_per_chunk:{per_chunk:.3f} straightforward_s_per_chunk:{t_ref / n_chunks:.3f} "
+          f"full_split_s_1gpu:{per_chunk * 1893:.0f} full_split_s_8gpu:{per_chunk * 1893 / 8:.0f} "
+          f"(8 GPUs: each rank scores and trains on 1/8 of every chunk: a lower bound, not measured)")
     print(f"bench_ttt machine:{machine()} params:{sum(p.numel() for p in model.parameters())} val_tokens:{len(val)} "
           f"seq_len:{hp.train_seq_len} stride:{hp.eval_stride} epochs:{hp.ttt_epochs} compile:{use_compile} "
           f"autocast:{'bf16' if rt.bf16 else 'off'} peak_mem_mib:{mem:.0f} ttt_step_seqs:{step_seqs} "
           f"ours_warmup_s:{t_warm:.2f} ours_s:{t_ours:.2f} "
           f"straightforward_s:{t_ref:.2f} ratio:{t_ours / t_ref:.3f} ours_bpb:{ours[1]:.8f} ref_bpb:{ref[1]:.8f}")
+
+
+# The published script's own defaults differ from the published run; these knobs make it that run's model
+# (27,030,108 parameters, like ours) and schedule, without its wall-clock cap.
+PEER_KNOBS = dict(NUM_KV_HEADS="4", MLP_HIDDEN="1536", BIGRAM_BUCKETS="2048", ROPE_TRAIN_SEQ_LEN="2048",
+                  GRAD_CLIP_NORM="0.3", QUANT_EMBED="1", LATE_QAT="0", TTT_OPTIMIZER="sgd", TTT_LR="0.002",
+                  TTT_EPOCHS="10", MAX_WALLCLOCK_SECONDS="0")
+PEER_STEP = re.compile(r"^step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms")
+PEER_PEAK = re.compile(r"^peak memory allocated: (\d+) MiB")
+PEER_TTT = re.compile(r"^ttt_sliding:(start chunks=(\d+)|done .*elapsed=([\d.]+)s)")
+
+
+def bench_peer(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
+    """The published script on DATA_PATH at TRAIN_BATCH_TOKENS, PRIME_STEPS warm-up steps then BENCH_STEPS steps, in
+    a scratch folder (it writes logs/ and final_model.* where it runs). Steady step time: between its second and
+    last logged step; the training line is printed as soon as it reports its peak memory. Then its final TTT
+    evaluation (TTT_EPOCHS=10 over the chunks of DATA_PATH's validation split, eager as it runs): seconds per chunk,
+    a second line (PEER_TTT=0: stop after training)."""
+    script = os.environ.get("PEER_SCRIPT", "")
+    if not script:
+        print("bench_peer not_run:PEER_SCRIPT_unset")
+        return
+    hp = tg.Hyperparameters.from_env()
+    env = {**os.environ, **PEER_KNOBS, "DATA_PATH": os.path.abspath(hp.data_path),
+           "TOKENIZER_PATH": os.path.abspath(hp.tokenizer_path), "TRAIN_BATCH_TOKENS": str(hp.train_batch_tokens),
+           "TRAIN_SEQ_LEN": str(hp.train_seq_len), "ITERATIONS": str(steps + 2), "WARMUP_STEPS": str(hp.prime_steps),
+           "WARMDOWN_ITERS": "0", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "1", "RUN_ID": "bench_peer"}
+    logged, peak, t0, first, chunks = [], math.nan, time.perf_counter(), None, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen([sys.executable, os.path.abspath(script)], cwd=tmp, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        print(f"bench_peer_start script:{script} knobs:{' '.join(f'{k}={v}' for k, v in PEER_KNOBS.items())}",
+              flush=True)
+        for line in proc.stdout:
+            if (m := PEER_STEP.match(line)):
+                logged.append((int(m.group(1)), int(m.group(2))))
+                if first is None:
+                    first = time.perf_counter() - t0
+                    print(f"bench_peer_primed compile_and_priming_s:{first:.1f}", flush=True)
+            elif (m := PEER_PEAK.match(line)):
+                peak = float(m.group(1))
+                if len(logged) < 3:
+                    break
+                (s0, ms0), (s1, ms1) = logged[1], logged[-1]
+                dt = (ms1 - ms0) / (s1 - s0) / 1000
+                print(f"bench_peer machine:{machine()} step_ms:{dt * 1000:.1f} tok_s:{hp.train_batch_tokens / dt:.0f} "
+                      f"peak_mem_mib:{peak:.0f} compile_and_priming_s:{first:.1f} steps:{s1 - s0}", flush=True)
+                if os.environ.get("PEER_TTT", "1") != "1":
+                    break
+            elif (m := PEER_TTT.match(line)):
+                if m.group(2):
+                    chunks = int(m.group(2))
+                else:
+                    secs = float(m.group(3))
+                    print(f"bench_peer_ttt chunks:{chunks} epochs:{PEER_KNOBS['TTT_EPOCHS']} ttt_s:{secs:.2f} "
+                          f"s_per_chunk:{secs / max(chunks, 1):.3f} (eager, first chunk's warm-up included)")
+                    break
+        proc.kill()
+        tail = proc.stdout.read()[-3000:] if math.isnan(peak) else ""
+        proc.wait()
+    if math.isnan(peak) or len(logged) < 3:
+        print(f"bench_peer failed: rc:{proc.returncode} steps_logged:{len(logged)}\n{tail}")
+        sys.exit(1)
 
 
 def bench_artifact() -> None:
@@ -229,11 +338,11 @@ def bench_artifact() -> None:
 
 
 if __name__ == "__main__":
-    benches = {"train": bench_train, "ttt": bench_ttt, "artifact": bench_artifact}
-    what = sys.argv[1:]
+    benches = {"train": bench_train, "peer": bench_peer, "ttt": bench_ttt, "artifact": bench_artifact}
+    what = [a for a in sys.argv[1:] if a != "--profile"]
     if not what or any(w not in benches for w in what):
-        print("usage: ./run.sh bench train|ttt|artifact [...]   (train runs at the seed config: on a CPU, set "
-              "smaller knobs)", file=sys.stderr)
+        print("usage: ./run.sh bench train [--profile]|peer|ttt|artifact [...]   (train runs at the seed config: "
+              "on a CPU, set smaller knobs)", file=sys.stderr)
         sys.exit(2)
     for w in what:
         benches[w]()

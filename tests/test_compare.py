@@ -214,7 +214,7 @@ def test_bad_input_is_one_line_exit_2(two_runs, tmp_path, capsys):
 
 
 def test_run_sh_compare(two_runs, tmp_path):
-    """The README's command in a copy of the project: the table, and the picture in ./compare.png."""
+    """docs/reproduce.md's command in a copy of the project: the table, and the picture in ./compare.png."""
     pytest.importorskip("matplotlib")  # run.sh would install it into this interpreter otherwise
     project = project_copy(tmp_path)
     r = run_sh(project, "compare", *(str(f) for f, _ in two_runs))

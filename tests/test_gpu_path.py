@@ -82,3 +82,27 @@ def test_compiled_bf16_pipeline_has_no_graph_breaks_and_a_graph_count_independen
     assert b_train == b_a == b_b == 0
     assert g_a == g_b == 3, "EVAL_ONLY: one graph per scoring variant (score_from 0, sliding) + the TTT step"
     assert g_train <= 4 + 6, "training adds its step's graph and Newton-Schulz's (one per matrix shape at most)"
+
+
+def test_compile_cache_folder_is_set_up_and_its_warmth_logged(tmp_path, monkeypatch, capsys):
+    """COMPILE=1 points inductor's caches (FX graphs, AOTAutograd: TORCHINDUCTOR_CACHE_DIR) at COMPILE_CACHE_DIR,
+    by default RUNS_DIR/compile_cache, where a later run (EVAL_ONLY after training) finds them; the run logs whether
+    the folder already held entries, and the cache hits and misses at its end. torch.compile is a no-op here: the
+    set-up is checked, not inductor (the GPU check measures the reuse)."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # restored after the test
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    quick = dict(COMPILE="1", RUNS_DIR=str(tmp_path), ITERATIONS="1", WARMDOWN_ITERS="0", WARMUP_STEPS="0",
+                 TTT_ENABLED="0", EVAL_STRIDE="0", VAL_MAX_TOKENS="1025", EMA_DECAY="0")
+    default = tmp_path / "compile_cache"
+    for run_id, warm, extra in (("a", 0, {}), ("b", 1, {}), ("c", 0, {"COMPILE_CACHE_DIR": str(tmp_path / "own")})):
+        if run_id == "b":
+            (default / "fxgraph").mkdir(parents=True)  # what inductor leaves there
+        if run_id == "c":
+            (tmp_path / "own").mkdir()  # empty: cold
+        hp = tg.Hyperparameters.from_env({**TINY, **quick, "RUN_ID": run_id, **extra})
+        assert tg.run(hp, tg.setup_runtime(hp)) == 0
+        out = capsys.readouterr().out
+        where = extra.get("COMPILE_CACHE_DIR", str(default))
+        assert f"\ncompile_cache: dir:{where} warm:{warm}\n" in out, out
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == where
+        assert re.search(r"^compile_cache: fx_graph_hits:\d+ misses:\d+ aot_autograd_hits:\d+ misses:\d+$", out, re.M)

@@ -73,14 +73,14 @@ def ref_ns_exact(G: torch.Tensor, steps: int) -> torch.Tensor:
     """The quintic iteration in float64 (no bf16), written independently."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.double()
-    X = X / (X.norm() + 1e-7)
-    flip = X.shape[0] > X.shape[1]
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # each matrix of a stack on its own
+    flip = X.shape[-2] > X.shape[-1]
     if flip:
-        X = X.T
+        X = X.mT
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * (A @ A)) @ X
-    return (X.T if flip else X).float()
+    return (X.mT if flip else X).float()
 
 
 def _muon_setup(seed=4):
@@ -141,6 +141,53 @@ def test_muon_bf16_update_buffer():
             assert torch.equal(params[i].detach(), want[i]), (dtype, i)
         out[dtype] = params[0].detach()
     assert not torch.equal(out[torch.bfloat16], out[torch.float32])
+
+
+def test_batched_newton_schulz_equals_one_matrix_at_a_time():
+    """A stack of same-shape matrices, each normalised by its own norm (the stack's scales span 1e-2..1e2): the same
+    result as one call per matrix. On the CPU the kernels per matrix are the same, so the results are bit-equal; a
+    GPU's batched matmul may sum in another order, which can flip bf16 roundings (not checked here)."""
+    g = torch.Generator().manual_seed(5)
+    for shape in ((64, 64), (96, 32), (32, 96)):
+        G = torch.randn(4, *shape, generator=g) * torch.tensor([1.0, 100.0, 0.01, 3.0]).view(4, 1, 1)
+        assert torch.equal(tg.newton_schulz(G, 5), torch.stack([tg.newton_schulz(m, 5) for m in G])), shape
+
+
+def per_matrix_muon_step(opt: "tg.Muon") -> None:
+    """Muon's step before batching, written out as the reference: per parameter, momentum, Newton-Schulz of that
+    matrix alone, the scale in the update dtype, decoupled decay."""
+    for g in opt.param_groups:
+        for p in g["params"]:
+            buf = opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+            buf.mul_(g["momentum"]).add_(p.grad)
+            u = tg.newton_schulz(p.grad.add(buf, alpha=g["momentum"]), g["steps"])
+            u = u.to(opt.update_dtype) * max(1.0, p.size(0) / p.size(1)) ** 0.5
+            p.mul_(1 - g["lr"] * g["wd"]).add_(u.to(p.dtype), alpha=-g["lr"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_muon_equals_the_per_matrix_path(dtype):
+    """Three steps over two groups (other LR and momentum) holding matrices of three shapes, two of them repeated
+    across groups (so batches mix groups): bit-equal to the per-matrix step, weights and momentum buffers, with the
+    default fp32 update buffer and COMPAT_PR644's bf16 one."""
+    g = torch.Generator().manual_seed(6)
+    shapes = [(48, 16), (24, 24), (48, 16), (16, 40), (24, 24), (48, 16)]
+    init = [torch.randn(*s, generator=g) for s in shapes]
+    grads = [[torch.randn(*s, generator=g) for s in shapes] for _ in range(3)]
+    runs = []
+    for batched in (True, False):
+        params = [torch.nn.Parameter(w.clone()) for w in init]
+        opt = tg.Muon([dict(params=params[:3], lr=0.05), dict(params=params[3:], lr=0.02, momentum=0.8)],
+                      momentum=0.95, steps=5, wd=0.1, update_dtype=dtype)
+        for step in range(3):
+            for p, gr in zip(params, grads[step]):
+                p.grad = gr.clone()
+            opt.step() if batched else torch.no_grad()(per_matrix_muon_step)(opt)
+        runs.append((params, [opt.state[p]["momentum_buffer"] for p in params]))
+    (pb, bb), (pr, br) = runs
+    for i in range(len(shapes)):
+        assert torch.equal(pb[i].detach(), pr[i].detach()) and torch.equal(bb[i], br[i]), i
+        assert not torch.equal(pb[i].detach(), init[i])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,7 +526,7 @@ def test_train_step_matches_hand_written_steps(corpus, monkeypatch, clip):
 # ----------------------------------------------------------------------------------------------
 
 SEED = dict(train_batch_tokens=786432, train_seq_len=2048, rope_train_seq_len=2048, micro_batch_seqs=48)
-SEED_SPLITS = {1: (48, 8), 2: (48, 4), 3: (32, 4), 4: (48, 2), 6: (32, 2), 8: (48, 1)}  # the README's table
+SEED_SPLITS = {1: (48, 8), 2: (48, 4), 3: (32, 4), 4: (48, 2), 6: (32, 2), 8: (48, 1)}  # docs/reproduce.md's table
 
 
 def test_batch_split_of_the_seed_batch_for_1_to_8_processes():
@@ -538,6 +585,62 @@ def test_seed_data_order_on_1_2_4_8_processes_is_unchanged(world):
                 start = step * 8 * n + (a * world + rank) * n
                 assert torch.equal(x.flatten(), torch.arange(start, start + n - 1))
                 assert torch.equal(y.flatten(), torch.arange(start + 1, start + n)) and x.shape == (48, 2048)
+
+
+# ----------------------------------------------------------------------------------------------
+# Micro-batches stacked from pieces (MICRO_BATCH_PIECES)
+# ----------------------------------------------------------------------------------------------
+
+def test_micro_pieces_choice(monkeypatch):
+    """The knob, capped to a divisor of the accumulation steps; auto is 1 on the CPU and, on CUDA, what 2/3 of the
+    free memory holds at ~26 GB per 48 x 2048 piece of the seed model (an H200's 140 GB: 3, so 2 of 8; 16 GB: 1)."""
+    seed = tg.Hyperparameters()  # the published config
+    assert tg.micro_pieces(tg.Hyperparameters(micro_batch_pieces=3), tg.Runtime(), 48, 8) == (2, "MICRO_BATCH_PIECES")
+    assert tg.micro_pieces(tg.Hyperparameters(micro_batch_pieces=16), tg.Runtime(), 48, 8)[0] == 8
+    assert tg.micro_pieces(seed, tg.Runtime(), 48, 8) == (1, "auto_cpu")
+    cuda = tg.Runtime(device=torch.device("cuda"))
+    for free, want in ((140e9, 2), (16e9, 1), (400e9, 8)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (int(free), int(free)))
+        k, why = tg.micro_pieces(seed, cuda, 48, 8)
+        assert k == want and why.startswith(f"auto_free_{free / 2**30:.0f}GiB_per_piece_24GiB"), (free, k, why)
+    with pytest.raises(tg.UserError, match="MICRO_BATCH_PIECES"):
+        tiny_hp(micro_batch_pieces=-1)
+
+
+def recorded_step(pieces: int, monkeypatch):
+    """One train_step with 4 pieces of 1 sequence, `pieces` per forward; the forwards' inputs, the trainer."""
+    monkeypatch.setattr(tg, "newton_schulz", ref_ns_exact)  # float64 Newton-Schulz: no bf16 rounding flips
+    tr = make_trainer(seed=3, micro_batch_seqs=1, micro_batch_pieces=pieces, ema_decay=0)
+    seen, grads, model = [], {}, tr.model
+    tr.rt.compiled = lambda x, y: seen.append((x, y)) or model(x, y)
+    tr.opts[0].register_step_pre_hook(lambda *_: grads.update({k: p.grad.clone() for k, p in
+                                                               model.named_parameters() if p.grad is not None}))
+    start = snapshot(model)
+    loss = tr.train_step(1.0)
+    return tr, seen, loss, grads, start
+
+
+def test_stacked_pieces_keep_the_data_order_and_the_step(monkeypatch):
+    """k = 2 and 4 pieces per forward: the forwards hold exactly the rows of the k = 1 pieces, in order; the step
+    gives the same loss and gradients (clipped, as the optimizers see them) within float32 rounding, as the same mean
+    over the batch's sequences, and the same weights to 1e-4 of their move (AdamW's g / (sqrt(v) + 1e-8) magnifies
+    the rounding of gradients near 1e-8); the token stream ends where k = 1 leaves it, so checkpoints and resume
+    do not depend on k."""
+    ref, ref_seen, ref_loss, ref_grads, start = recorded_step(1, monkeypatch)
+    assert (ref.accum, len(ref_seen)) == (4, 4)
+    for k in (2, 4):
+        tr, seen, loss, grads, _ = recorded_step(k, monkeypatch)
+        assert len(seen) == 4 // k and all(x.shape == (k, 128) for x, _ in seen)
+        for i in (0, 1):
+            assert torch.equal(torch.cat([s[i] for s in seen]), torch.cat([s[i] for s in ref_seen]))
+        assert tr.stream.state() == ref.stream.state()
+        assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+        assert set(grads) == set(ref_grads)
+        for name, g in grads.items():
+            assert float((g - ref_grads[name]).norm()) <= 1e-5 * float(ref_grads[name].norm()) + 1e-12, name
+        for (name, p), q in zip(tr.model.named_parameters(), ref.model.parameters()):
+            err, moved = float((p.detach() - q.detach()).norm()), float((q.detach() - start[name]).norm())
+            assert err <= 1e-4 * moved + 1e-9, (name, err, moved)
 
 
 # ----------------------------------------------------------------------------------------------

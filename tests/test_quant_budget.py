@@ -91,6 +91,22 @@ def test_byte_target_never_over_and_within_one_percent(trained, mult):
     assert 0.99 * budget <= n <= budget, (n, budget)
 
 
+def test_byte_target_holds_with_gptq_codes(trained):
+    """QUANT_METHOD=gptq: GPTQ picks the codes on each chosen grid, and the bytes the controller measured are those
+    of the artifact it returns (GPTQ codes compress differently from nearest rounding's), within the band."""
+    model, sd = trained["model"], trained["sd"]
+    tg.load_weights(model, sd, "test")
+    gptq = {"H": tg.collect_hessians(model, trained["sens_batches"], tg.Runtime()), "damp": 0.01}
+    budget = int(trained["seed_bytes"] * 1.05)
+    obj, stats = quantize_to_budget(sd, budget, trained["sens"], True, lambda s: None, gptq)
+    assert len(tg.serialize_artifact(obj)) == stats["bytes"] == len(stats["blob"])
+    assert 0.99 * budget <= stats["bytes"] <= budget, (stats["bytes"], budget)
+    assert {k for k in obj["quantized"] if "mlp" in k or k == "tok_emb.weight"} == set(stats["herr"])
+    assert all(g < n for g, n in stats["herr"].values()), stats["herr"]
+    for k in stats["herr"]:  # the stored codes are GPTQ's on the stored grid (none left over from another grid)
+        assert torch.equal(obj["quantized"][k].float(), tg.gptq_codes(sd[k], obj["scales"][k], gptq["H"][k], 0.01)), k
+
+
 @pytest.mark.parametrize("slope,mult", [(1.3, 1.2), (0.7, 1.1)])
 def test_byte_target_holds_when_the_estimate_is_off_by_a_factor(trained, monkeypatch, slope, mult):
     """The histogram estimate's error varies with the grids (on the real tokenizer's sample the search once landed

@@ -1,0 +1,111 @@
+"""The summary table of tests/gpu_check.sh: python tests/gpu_check_table.py GPU_CHECK_LOG  (prints Markdown).
+
+Reads the key:value lines that tests/bench.py and train_gpt.py print, per step (between a step's
+`gpu_check:NAME start:` and `gpu_check:NAME rc:` lines). Every row is always printed: a value the log lacks
+says why (not run, timed out, failed, skipped).
+"""
+from __future__ import annotations
+
+import re
+import sys
+
+STEPS = ("bench_train", "bench_peer", "bench_ttt", "pipeline", "eval_only")
+TOP = 20  # kernels of the profile
+
+
+def sections(text: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """{step: its output lines}, {step: its status: ok Ns, timed out, failed (rc N), skipped}."""
+    lines, status, cur = {}, {}, None
+    for line in text.splitlines():
+        m = re.match(r"^gpu_check:(\w+) (start|rc|skipped):(\S+)(?: secs:(\d+))?", line)
+        if m and m.group(2) == "start":
+            cur = m.group(1)
+            lines[cur], status[cur] = [], "running (no rc line)"
+        elif m and m.group(2) == "rc":
+            rc, secs = int(m.group(3)), m.group(4)
+            status[m.group(1)] = (f"ok, {secs} s" if rc == 0 else f"timed out after {secs} s" if rc in (124, 137)
+                                  else f"failed (rc {rc}) after {secs} s")
+            cur = None
+        elif m:
+            status[m.group(1)] = "skipped (budget spent)"
+        elif cur:
+            lines[cur].append(line)
+    return lines, status
+
+
+def fields(lines: list[str], prefix: str) -> dict[str, str] | None:
+    """key:value pairs of the last line that starts with `prefix ` (None if there is none)."""
+    found = [l for l in lines if l.startswith(prefix + " ")]
+    return dict(re.findall(r"(\w+):(\S+)", found[-1])) if found else None
+
+
+def table(text: str) -> str:
+    out, status = sections(text)
+
+    def why(step: str) -> str:  # why a value of this step is not in the log
+        if step not in status:
+            return "not run"
+        return "missing in the log" if status[step].startswith("ok") else status[step]
+
+    def value(step: str, prefix: str, key: str) -> str | None:
+        return (fields(out.get(step, []), prefix) or {}).get(key)
+
+    def compared(label: str, step: str, ours: str | None, peer: str | None) -> str:
+        """A row of ours beside the published script's (bench_peer), with their ratio when both were measured."""
+        if peer is None:
+            peer_skipped = any(" not_run:" in l for l in out.get("bench_peer", []))
+            peer_cell = "not run (PEER_SCRIPT unset)" if peer_skipped else why("bench_peer")
+        else:
+            peer_cell = peer
+        ratio = f"{float(ours) / float(peer):.2f}" if ours is not None and peer is not None else ""
+        return f"| {label} | {ours if ours is not None else why(step)} | {peer_cell} | {ratio} |"
+
+    def ours_only(label: str, cell: str) -> str:
+        return f"| {label} | {cell} | | |"
+
+    rows = ["| check | train_gpt.py | published script | ours / published |", "|---|---|---|---|"]
+    rows += [ours_only(f"step {s}", status.get(s, "not run")) for s in STEPS]
+    for label, prefix, key, peer_prefix, peer_key, step in (
+            ("training step (ms)", "bench_train", "step_ms", "bench_peer", "step_ms", "bench_train"),
+            ("training tokens/s", "bench_train", "tok_s", "bench_peer", "tok_s", "bench_train"),
+            ("training peak memory (MiB)", "bench_train", "peak_mem_mib", "bench_peer", "peak_mem_mib", "bench_train"),
+            ("compile + priming (s)", "bench_train_primed", "compile_and_priming_s", "bench_peer",
+             "compile_and_priming_s", "bench_train"),
+            ("TTT s/chunk, 10 epochs (ours steady; published eager, warm-up included)", "bench_ttt_extrapolation",
+             "ours_s_per_chunk", "bench_peer_ttt", "s_per_chunk", "bench_ttt")):
+        rows.append(compared(label, step, value(step, prefix, key), value("bench_peer", peer_prefix, peer_key)))
+    for label, key in (("TTT s/chunk, straightforward reference (eager)", "straightforward_s_per_chunk"),
+                       ("TTT full split (1,893 chunks), 1 GPU (s)", "full_split_s_1gpu"),
+                       ("TTT full split, 8 GPUs (s, lower bound)", "full_split_s_8gpu")):
+        rows.append(ours_only(label, value("bench_ttt", "bench_ttt_extrapolation", key) or why("bench_ttt")))
+    bpb = fields(out.get("bench_ttt", []), "bench_ttt")
+    rows.append(ours_only("TTT val_bpb ours / reference",
+                          f"{bpb['ours_bpb']} / {bpb['ref_bpb']}" if bpb else why("bench_ttt")))
+    for step, label in (("pipeline", "pipeline (train, artifact, TTT)"), ("eval_only", "EVAL_ONLY of its artifact")):
+        ran = status.get(step, "").startswith("ok")
+        g = fields(out.get(step, []), "compile:")
+        graphs = f"{g['graphs']} / {g['graph_breaks']}" if g else "not compiled" if ran else why(step)
+        rows.append(ours_only(f"{label}: graphs / graph breaks", graphs))
+        final = fields(out.get(step, []), "final_int6_zstd-22_roundtrip")
+        rows.append(ours_only(f"{label}: val_bpb, eval time", f"{final['val_bpb']}, {final['eval']}" if final
+                              else why(step)))
+    cache = [l for l in out.get("eval_only", []) if l.startswith("compile_cache: ")]
+    warm = fields([l for l in cache if " warm:" in l], "compile_cache:")
+    hits = fields([l for l in cache if " fx_graph_hits:" in l], "compile_cache:")
+    if warm:
+        cell = f"warm:{warm['warm']}; " + (f"{hits['fx_graph_hits']}/{hits['misses']}" if hits else "no counts")
+    else:
+        cell = "not compiled" if status.get("eval_only", "").startswith("ok") else why("eval_only")
+    rows.append(ours_only("EVAL_ONLY compile cache: warm at start; FX graph hits/misses", cell))
+    top = [l for l in out.get("bench_train", []) if l.startswith("bench_profile_top ")]
+    for i in range(TOP):
+        if i < len(top):  # the name comes last: it may hold spaces
+            f, name = fields([top[i]], "bench_profile_top"), top[i].split(" name:", 1)[1][:80]
+            rows.append(ours_only(f"kernel {i + 1}", f"{f['share']} of the step, {f['ms']} ms: {name}"))
+        else:
+            rows.append(ours_only(f"kernel {i + 1}", "—" if top else why("bench_train")))
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table(open(sys.argv[1], encoding="utf-8", errors="replace").read()))

@@ -1,0 +1,129 @@
+"""tests/gpu_check.sh rehearsed on the CPU with tiny knobs (COMPILE=0): the step order, the one summary table with
+every row, and a step that runs out of time leaving the others and the table. Never timing: the GPU measures."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+from conftest import ROOT, TINY, clean_env
+
+sys.path.insert(0, str(ROOT / "tests"))
+import gpu_check_table  # noqa: E402  (tests/gpu_check_table.py)
+
+TINY_CHECK = dict(TINY, NUM_LAYERS="2", VE_LAYERS="1", XSA_LAYERS="1", TTT_FREEZE_BLOCKS="1", TRAIN_BATCH_TOKENS="1024",
+                  MICRO_BATCH_SEQS="4", VAL_MAX_TOKENS="3000", COMPILE="0", ITERATIONS="2", WARMDOWN_ITERS="1",
+                  PRIME_STEPS="1", BENCH_STEPS="1", RUN_PRIME_STEPS="0", BENCH_TTT_EPOCHS="1", TTT_EPOCHS="1")
+LABELS = ["step bench_train", "step bench_peer", "step bench_ttt", "step pipeline", "step eval_only",
+          "training step (ms)", "training tokens/s", "training peak memory (MiB)", "compile + priming (s)",
+          "TTT s/chunk, 10 epochs (ours steady; published eager, warm-up included)",
+          "TTT s/chunk, straightforward reference (eager)", "TTT full split (1,893 chunks), 1 GPU (s)",
+          "TTT full split, 8 GPUs (s, lower bound)", "TTT val_bpb ours / reference",
+          "pipeline (train, artifact, TTT): graphs / graph breaks",
+          "pipeline (train, artifact, TTT): val_bpb, eval time",
+          "EVAL_ONLY of its artifact: graphs / graph breaks", "EVAL_ONLY of its artifact: val_bpb, eval time",
+          "EVAL_ONLY compile cache: warm at start; FX graph hits/misses"] + [f"kernel {i}" for i in range(1, 21)]
+TTT_LABELS = [l for l in LABELS if l.startswith("TTT")]
+
+
+def rows_of(table: str) -> dict[str, list[str]]:
+    """{label: its 4 cells}: exactly the rows of LABELS, in that order, under the header."""
+    lines = table.strip().splitlines()
+    assert lines[:2] == ["| check | train_gpt.py | published script | ours / published |", "|---|---|---|---|"]
+    cells = [[c.strip() for c in l[1:-1].split("|")] for l in lines[2:]]
+    assert [c[0] for c in cells] == LABELS and all(len(c) == 4 for c in cells)
+    return {c[0]: c for c in cells}
+
+
+def test_rehearsal_runs_every_step_in_order_and_ends_with_the_full_table(tmp_path):
+    """bench_ttt gets a 1-second limit (LIMIT_BENCH_TTT): it times out, the steps after it still run, and its rows
+    say so; without PEER_SCRIPT the published script's rows say "not run"; the profile's 20 rows come from the
+    bench_train step, the pipeline's from train_gpt.py's own lines."""
+    env = clean_env(**TINY_CHECK, OUT=str(tmp_path), PYTHON=sys.executable, LIMIT_BENCH_TTT="1")
+    env.pop("PEER_SCRIPT", None)
+    r = subprocess.run(["bash", str(ROOT / "tests" / "gpu_check.sh")], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert re.findall(r"^gpu_check:(\w+) start:", log, re.M) == list(gpu_check_table.STEPS)
+    rcs = dict(re.findall(r"^gpu_check:(\w+) rc:(\d+)", log, re.M))
+    assert rcs == {"bench_train": "0", "bench_peer": "0", "bench_ttt": "124", "pipeline": "0", "eval_only": "0"}
+    table = (tmp_path / "gpu_check_table.md").read_text()
+    assert table.strip() in r.stdout
+    rows = rows_of(table)
+    assert rows["step bench_ttt"][1].startswith("timed out") and rows["step pipeline"][1].startswith("ok")
+    for label in ("training step (ms)", "training tokens/s", "compile + priming (s)", TTT_LABELS[0]):
+        assert rows[label][2] == "not run (PEER_SCRIPT unset)" and rows[label][3] == "", rows[label]
+    assert float(rows["training step (ms)"][1]) > 0 and float(rows["training tokens/s"][1]) > 0
+    assert all(rows[l][1].startswith("timed out") for l in TTT_LABELS)
+    assert all(re.fullmatch(r"[\d.]+% of the step, [\d.]+ ms: \S.*", rows[f"kernel {i}"][1]) for i in range(1, 21))
+    final = re.search(r"^final_int6_zstd-22_roundtrip val_loss:\S+ val_bpb:(\S+)", log, re.M).group(1)
+    assert rows["pipeline (train, artifact, TTT): val_bpb, eval time"][1].startswith(final + ", ")
+    assert rows["EVAL_ONLY of its artifact: val_bpb, eval time"][1].startswith(final + ", ")
+    assert rows["pipeline (train, artifact, TTT): graphs / graph breaks"][1] == "not compiled"
+
+
+def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
+    """The lines a GPU run prints (as tests/bench.py and train_gpt.py write them): ratios ours / published, the
+    graph count and cache hits, and a failed step's rows naming its exit status."""
+    log = "\n".join([
+        "gpu_check:bench_train start:10:00:00 limit:110s", "bench_train_primed compile_and_priming_s:70.0",
+        "bench_train machine:x step_ms:600.0 tok_s:1310720 peak_mem_mib:40000",
+        "bench_profile_top rank:1 share:20.0% ms:120.00 calls:88 name:triton_per_fused_a b",
+        "gpu_check:bench_train rc:0 secs:100",
+        "gpu_check:bench_peer start:10:01:40 limit:100s", "bench_peer machine:x step_ms:750.0 tok_s:1048576 "
+        "peak_mem_mib:24000 compile_and_priming_s:60.0 steps:10", "bench_peer_ttt chunks:2 epochs:10 ttt_s:2.60 "
+        "s_per_chunk:1.300 (eager)", "gpu_check:bench_peer rc:0 secs:90",
+        "gpu_check:bench_ttt start:10:03:10 limit:90s", "boom", "gpu_check:bench_ttt rc:1 secs:20",
+        "gpu_check:pipeline start:10:03:30 limit:100s", "compile_cache: dir:/x warm:0",
+        "compile: graphs:9 graph_breaks:0",
+        "final_int6_zstd-22_roundtrip val_loss:4.0 val_bpb:2.5 eval:9000ms", "gpu_check:pipeline rc:0 secs:95",
+        "gpu_check:eval_only skipped:budget_spent"])
+    rows = rows_of(gpu_check_table.table(log))
+    assert rows["training tokens/s"][1:] == ["1310720", "1048576", "1.25"]
+    assert rows["training step (ms)"][3] == "0.80" and rows["training peak memory (MiB)"][3] == "1.67"
+    assert rows["compile + priming (s)"][1:3] == ["70.0", "60.0"]
+    assert rows[TTT_LABELS[0]][1:] == ["failed (rc 1) after 20 s", "1.300", ""]
+    assert rows["TTT val_bpb ours / reference"][1] == "failed (rc 1) after 20 s"
+    assert rows["pipeline (train, artifact, TTT): graphs / graph breaks"][1] == "9 / 0"
+    assert rows["pipeline (train, artifact, TTT): val_bpb, eval time"][1] == "2.5, 9000ms"
+    assert rows["step eval_only"][1] == rows[LABELS[18]][1] == "skipped (budget spent)"
+    assert rows["kernel 1"][1] == "20.0% of the step, 120.00 ms: triton_per_fused_a b" and rows["kernel 2"][1] == "—"
+
+
+FAKE_PEER = '''import json, os
+knobs = {k: os.environ.get(k) for k in ("NUM_KV_HEADS", "MLP_HIDDEN", "LATE_QAT", "ITERATIONS", "WARMUP_STEPS",
+                                        "TRAIN_BATCH_TOKENS", "DATA_PATH")}
+knobs["cwd"] = os.getcwd()
+json.dump(knobs, open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "knobs.json"), "w"))
+for step in range(1, int(knobs["ITERATIONS"]) + 1):
+    ms = 1000 + 600 * step + (300 if step == 1 else 0)  # the first step is slower: not in the steady time
+    print(f"step:{step}/{knobs['ITERATIONS']} train_loss:6.9 train_time:{ms}ms step_avg:1.0ms")
+print("peak memory allocated: 23940 MiB reserved: 25000 MiB")
+print("ttt_sliding:start chunks=2 chunk_tokens=32768")
+print("ttt_sliding:done val_loss=2.1 val_bpb=1.2 elapsed=2.6s")
+'''
+
+
+def test_bench_peer_runs_the_published_script_with_the_published_knobs_and_reads_its_lines(tmp_path):
+    """PEER_SCRIPT (here a stand-in that prints the published script's log lines): run in a scratch folder with the
+    published run's knobs, BENCH_STEPS + 2 iterations after PRIME_STEPS warm-up steps; the steady step time comes
+    from its logged train_time between the second and the last step, then its peak memory and TTT s/chunk."""
+    fake = tmp_path / "peer.py"
+    fake.write_text(FAKE_PEER)
+    env = clean_env(**dict(TINY_CHECK, PEER_SCRIPT=str(fake), PRIME_STEPS="3", BENCH_STEPS="4"))
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "bench.py"), "peer"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = r.stdout
+    knobs = json.loads((tmp_path / "knobs.json").read_text())
+    assert {k: knobs[k] for k in ("NUM_KV_HEADS", "MLP_HIDDEN", "LATE_QAT", "ITERATIONS", "WARMUP_STEPS")} == \
+        {"NUM_KV_HEADS": "4", "MLP_HIDDEN": "1536", "LATE_QAT": "0", "ITERATIONS": "6", "WARMUP_STEPS": "3"}
+    assert knobs["TRAIN_BATCH_TOKENS"] == "1024" and knobs["DATA_PATH"] == TINY["DATA_PATH"]
+    assert not knobs["cwd"].startswith(str(ROOT))  # its logs/ and final_model.* go to a scratch folder
+    [line] = [l for l in log.splitlines() if l.startswith("bench_peer machine:")]
+    assert " step_ms:600.0 tok_s:1707 peak_mem_mib:23940 " in line and line.endswith(" steps:4"), line
+    assert "bench_peer_ttt chunks:2 epochs:10 ttt_s:2.60 s_per_chunk:1.300 " in log
+    table = gpu_check_table.table("gpu_check:bench_peer start:x\n" + log + "\ngpu_check:bench_peer rc:0 secs:9")
+    assert "| training step (ms) | not run | 600.0 |  |" in table
