@@ -804,9 +804,8 @@ class Stopped(BaseException):  # not an Exception: no `except Exception` on its 
 
 @dataclass
 class StopSignal:
-    """SIGTERM / SIGUSR1 (a scheduler's time limit or preemption; torchrun forwards SIGTERM, kills 30 s later). In
-    the "training" phase it is only noted: the loop stops at a step boundary with a checkpoint. In any other phase it
-    ends the run at once; files are written tmp + rename, so no final name ever holds a partial file."""
+    """SIGTERM / SIGUSR1 (a scheduler's preemption; torchrun passes SIGTERM on, kills 30 s later): noted in training
+    (the loop stops at a step boundary with a checkpoint), else it ends the run at once (files go tmp + rename)."""
     signum: int = 0
     phase: str = "startup"
 
