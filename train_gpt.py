@@ -1013,11 +1013,6 @@ class Trainer:
             return STOP.signum > 0
         return (now or self.step % 4 == 0) and self.votes.item() > 0
 
-    def stop(self, path: Path) -> None:  # no barrier: torchrun gives rank 0 its 30 s grace to finish the write
-        signum = STOP.signum or signal.SIGTERM  # a rank may stop on another rank's signal
-        raise Stopped(signum, f"stopped: {signal.Signals(signum).name} at step {self.step}/{self.hp.iterations}; "
-                              f"checkpoint {path}; continue with RESUME=1")
-
     def run(self, evaluate) -> None:
         """Train to ITERATIONS (or the wall-clock cap); validation and checkpoint time is not counted."""
         hp, rt = self.hp, self.rt
@@ -1054,16 +1049,18 @@ class Trainer:
                 last = (self.step, now)
                 if self.step == hp.train_log_every:  # with a wall-clock cap the number of steps is known now
                     warn_short_ema(hp, rt, avg)
-            stop = self.stop_agreed()
-            if stop or (hp.checkpoint_every and self.step % hp.checkpoint_every == 0):
+            if self.stop_agreed():
+                break
+            if hp.checkpoint_every and self.step % hp.checkpoint_every == 0:
                 self.train_ms = now_ms()
-                path = self.save_checkpoint()
+                self.save_checkpoint()
                 t_mark = time.perf_counter()
-            if stop:
-                self.stop(path)
         self.check_finite()
-        if self.stop_agreed(now=True):  # signalled during the last validation
-            self.stop(self.save_checkpoint())
+        if self.stop_agreed(now=True):  # after this step, or signalled during the last validation
+            self.train_ms = now_ms()  # no barrier: torchrun gives rank 0 its 30 s grace to write the checkpoint
+            signum = STOP.signum or signal.SIGTERM  # a rank may stop on another rank's signal
+            raise Stopped(signum, f"stopped: {signal.Signals(signum).name} at step {self.step}/{hp.iterations}; "
+                                  f"checkpoint {self.save_checkpoint()}; continue with RESUME=1")
 
 
 def atomic_save(obj, path: Path) -> None:
