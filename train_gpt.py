@@ -1787,7 +1787,7 @@ def write_submission(hp: Hyperparameters, rt: Runtime, r: dict) -> None:
 def report_stop(rt: Runtime | None, signum: int, line: str | None) -> int:
     """The stop line (outside the training loop: what was interrupted, what is safe on disk); 128 + signum."""
     if line is None:
-        kept = sorted(rt.run_dir.rglob("*.pt*")) if rt and rt.run_dir else []  # complete, as every file is
+        kept = sorted(p for p in rt.run_dir.rglob("*") if p.suffix in (".pt", ".ptz")) if rt and rt.run_dir else []
         line = (f"stopped: {signal.Signals(signum).name} during {STOP.phase}; safe on disk: "
                 f"{', '.join(map(str, kept)) or 'nothing of this run'}")
     (rt or Runtime(rank=int(os.environ.get("RANK", "0")))).log(line)
