@@ -494,7 +494,7 @@ def test_stop_signal_checkpoints_at_a_step_boundary_and_resume_equals_uninterrup
         assert r.returncode == 128 + sig, f"exit {r.returncode}\n{r.stdout[-3000:]}"
         assert "Traceback" not in r.stdout and len(STOPPED.findall(r.stdout)) == 1, r.stdout[-3000:]
         how, step, path = STOPPED.search(r.stdout).groups()
-        assert how == sig.name and int(step) in (5, 6), r.stdout[-3000:]  # signalled after step 5 or during 6
+        assert how == sig.name and 5 <= int(step) < 16, r.stdout[-3000:]  # signalled after step 5 (or later)
         assert [p.name for p in ckpt_files(runs / name / "checkpoints")] == [f"ckpt_{int(step):07d}.pt"]
         assert Path(path) == runs / name / "checkpoints" / f"ckpt_{int(step):07d}.pt"
         assert load_ckpt(Path(path))["step"] == int(step)
