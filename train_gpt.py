@@ -15,7 +15,6 @@ import datetime
 import difflib
 import glob
 import heapq
-import inspect
 import io
 import itertools
 import json
@@ -99,8 +98,7 @@ class Hyperparameters:
     train_seq_len: int = knob(2048, "tokens per training/eval window", lo=2)
     train_batch_tokens: int = knob(786432, "global batch in tokens (independent of GPU count)", lo=1)
     micro_batch_seqs: int = knob(48, "sequences per GPU per micro-step (lower it on small GPUs)", lo=1)
-    micro_batch_pieces: int = knob(0, "micro-steps stacked into one forward/backward, data order unchanged "
-                                   "(0 = auto: what ~2/3 of the free GPU memory holds; 1 on the CPU)", lo=0)
+    micro_batch_pieces: int = knob(1, "micro-steps stacked into one forward/backward (same data order and math)", lo=1)
     iterations: int = knob(25000, "optimizer steps", lo=0)
     warmup_steps: int = knob(20, "linear LR warm-up steps", lo=0)
     warmdown_iters: int = knob(13000, "LR warm-down steps at the end", lo=0)
@@ -153,8 +151,7 @@ class Hyperparameters:
     artifact: str = knob("", "artifact (.ptz) for EVAL_ONLY")
     device: str = knob("auto", "compute device", choices=("auto", "cpu", "cuda"))
     compile: str = knob("auto", "torch.compile the model (auto = on CUDA)", choices=("auto", "0", "1"))
-    compile_cache_dir: str = knob("", "torch.compile's code caches (inductor FX graphs, AOTAutograd), reused by "
-                                  "later runs here, e.g. EVAL_ONLY after training (default RUNS_DIR/compile_cache)")
+    compile_cache_dir: str = knob("", "torch.compile's code cache for later runs (default RUNS_DIR/compile_cache)")
     autocast: str = knob("auto", "bf16 autocast of every forward (auto = on CUDA; off = float32/TF32)",
                          choices=("auto", "bf16", "off"))
     submission_author: str = knob("", "author field of submission.json")
@@ -244,52 +241,13 @@ class Hyperparameters:
         return {k: getattr(self, k) for k in keys}
 
 
-def knob_sections() -> list[tuple[str, list[tuple[str, str, str]]]]:
-    """(section, [(KNOB, default, help)]) in the order of Hyperparameters, one section per comment line of its
-    field list: what --help prints, and docs/configuration.md (tests/gen_config_doc.py)."""
-    fields, sections = {f.name: f for f in dataclasses.fields(Hyperparameters)}, []
-    for line in inspect.getsource(Hyperparameters).splitlines():
-        name = line[4:].split(":")[0]
-        if line.startswith("    # "):
-            sections.append((line[6:], []))
-        elif name in fields:
-            d = fields[name].default
-            shown = str(int(d)) if isinstance(d, bool) else str(d) or "-"
-            sections[-1][1].append((name.upper(), shown, fields[name].metadata["help"]))
-    return [s for s in sections if s[1]]
-
-
 def help_text() -> str:
-    out = ["usage: [KNOB=value ...] python train_gpt.py   (or torchrun --nproc_per_node=N train_gpt.py)",
-           "Every setting is an environment variable; defaults: the seed's run, LR schedule as its summary."]
-    for title, rows in knob_sections():
-        out += ["", f"[{title}]"] + [f"{name:28s} {default:38s} {meaning}" for name, default, meaning in rows]
-    return "\n".join(out)
-
-
-# The published run's val_bpb (float weights, standard eval) at steps 0, 500, ..., 25,000: the reference curve.
-REF_VAL_BPB = tuple(map(float, """4.1043 1.3944 1.3250 1.2972 1.2655 1.2533 1.2456 1.2426 1.2393 1.2352 1.2305 1.2291
-1.2295 1.2248 1.2256 1.2243 1.2210 1.2218 1.2200 1.2205 1.2176 1.2187 1.2163 1.2155 1.2175
-1.2134 1.2096 1.2078 1.2054 1.2047 1.1990 1.1971 1.1951 1.1939 1.1890 1.1853 1.1826 1.1812
-1.1771 1.1744 1.1689 1.1644 1.1615 1.1559 1.1507 1.1453 1.1387 1.1321 1.1243 1.1156 1.1088""".split()))
-
-
-def published_config(hp: Hyperparameters) -> bool:
-    """Model, batch, ITERATIONS, WARMDOWN_ITERS as published, full validation, no cap (any GPU count, LR shape)."""
-    ref, same = Hyperparameters(), ("train_batch_tokens", "iterations", "warmdown_iters", "max_wallclock_seconds",
-                                    "val_max_tokens")
-    return hp.model_signature() == ref.model_signature() and all(getattr(hp, k) == getattr(ref, k) for k in same)
-
-
-def ref_val_bpb(step: int) -> float | None:
-    """The published val_bpb at `step`, if its log has one (every 500 steps)."""
-    return REF_VAL_BPB[step // 500] if step % 500 == 0 and 0 <= step < 500 * len(REF_VAL_BPB) else None
-
-
-def ref_suffix(hp: Hyperparameters, step: int, val_bpb: float) -> str:
-    """' ref_val_bpb:R delta:D' for a validation line at a step of the published curve, in its configuration."""
-    ref = ref_val_bpb(step)
-    return f" ref_val_bpb:{ref:.4f} delta:{round(val_bpb, 4) - ref:+.4f}" if ref and published_config(hp) else ""
+    shown = lambda d: str(int(d)) if isinstance(d, bool) else str(d) or "-"  # as set: 0/1 for switches, - for none
+    rows = [f"{f.name.upper():28s} {shown(f.default):38s} {f.metadata['help']}"
+            for f in dataclasses.fields(Hyperparameters)]
+    return ("usage: [KNOB=value ...] python train_gpt.py   (or torchrun --nproc_per_node=N train_gpt.py)\n"
+            "Every setting is an environment variable; defaults: the seed's run, LR schedule as its summary.\n\n"
+            f"{'KNOB':28s} {'DEFAULT':38s} MEANING\n" + "\n".join(rows))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -831,17 +789,9 @@ def batch_split(hp: Hyperparameters, world: int) -> tuple[int, int]:
     return micro, share // micro
 
 
-def micro_pieces(hp: Hyperparameters, rt: Runtime, micro: int, accum: int) -> tuple[int, str]:
-    """(pieces per forward/backward, why): the largest divisor of the accumulation steps <= MICRO_BATCH_PIECES."""
-    if hp.micro_batch_pieces:
-        want, why = hp.micro_batch_pieces, "MICRO_BATCH_PIECES"
-    elif rt.device.type != "cuda":
-        want, why = 1, "auto_cpu"
-    else:  # measured on an H200: 48 x 2048 tokens of the seed model (512 wide, 11 blocks) take ~26 GB
-        piece = 26e9 * micro * hp.train_seq_len * hp.model_dim * hp.num_layers / (48 * 2048 * 512 * 11)
-        free = torch.cuda.mem_get_info(rt.device)[0]
-        want, why = int(free * 2 / 3 // piece), f"auto_free_{free / 2**30:.0f}GiB_per_piece_{piece / 2**30:.0f}GiB"
-    return max(d for d in range(1, min(max(want, 1), accum) + 1) if accum % d == 0), why
+def micro_pieces(hp: Hyperparameters, accum: int) -> int:
+    """Pieces per forward/backward: the largest divisor of the accumulation steps <= MICRO_BATCH_PIECES."""
+    return max(d for d in range(1, min(hp.micro_batch_pieces, accum) + 1) if accum % d == 0)
 
 
 def warn_short_ema(hp: Hyperparameters, rt: Runtime, step_ms: float = 0.0) -> None:
@@ -864,7 +814,7 @@ class Trainer:
         self.kept = [p for p in self.params if id(p) not in owned] if hp.compat_pr644 else []
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if hp.ema_decay > 0 else None
         self.micro, self.accum = batch_split(hp, rt.world)
-        self.pieces = micro_pieces(hp, rt, self.micro, self.accum)[0]
+        self.pieces = micro_pieces(hp, self.accum)
         self.step, self.train_ms = 0, 0.0
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
         self.votes = torch.zeros((), device=rt.device)  # > 0 once any rank got a stop signal
@@ -1009,9 +959,7 @@ class Trainer:
         """Stop after this step? One process: once it got a signal. Several: once the votes summed by the loss's
         all-reduce say so, read (a host sync) at the same steps on all ranks, so that all stop after the same step.
         Every 4 steps: ~3 s at 0.8 s/step, 10 s on a 3x slower GPU, inside torchrun's 30 s grace with the write."""
-        if self.rt.world == 1:
-            return STOP.signum > 0
-        return (now or self.step % 4 == 0) and self.votes.item() > 0
+        return STOP.signum > 0 if self.rt.world == 1 else (now or self.step % 4 == 0) and self.votes.item() > 0
 
     def run(self, evaluate) -> None:
         """Train to ITERATIONS (or the wall-clock cap); validation and checkpoint time is not counted."""
@@ -1033,8 +981,7 @@ class Trainer:
                 self.train_ms = now_ms()
                 vloss, vbpb = evaluate(self.model)
                 rt.log(f"step:{self.step}/{hp.iterations} val_loss:{vloss:.4f} val_bpb:{vbpb:.4f} "
-                       f"train_time:{self.train_ms:.0f}ms step_avg:{self.train_ms / max(self.step, 1):.2f}ms"
-                       f"{ref_suffix(hp, self.step, vbpb)}")
+                       f"train_time:{self.train_ms:.0f}ms step_avg:{self.train_ms / max(self.step, 1):.2f}ms")
                 t_mark = time.perf_counter()
             if done:
                 break
@@ -1670,9 +1617,9 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     log_header(hp, rt)
     rt.log(f"model_params:{n_params}")
     if split:
-        pieces, why = micro_pieces(hp, rt, *split)
+        pieces = micro_pieces(hp, split[1])
         rt.log(f"batch: global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{split[0]} grad_accum:{split[1]} "
-               f"pieces_per_forward:{pieces} forward_seqs:{pieces * split[0]} forwards:{split[1] // pieces} why:{why}")
+               f"pieces_per_forward:{pieces} forward_seqs:{pieces * split[0]} forwards:{split[1] // pieces}")
         warn_short_ema(hp, rt)
     if hp.dry_run:
         n_train = sum(len(s) for s in stream.shards) if stream else 0

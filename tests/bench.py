@@ -99,7 +99,7 @@ def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
         use_compile = compile_like_a_run(rt, model)
         trainer = tg.Trainer(hp, rt, model, tg.TokenStream(tg.shard_files(hp.data_path, "train")))
         print(f"bench_train_start machine:{machine()} compile:{use_compile} prime_steps:{max(hp.prime_steps, 2)} "
-              f"pieces_per_forward:{trainer.pieces} why:{tg.micro_pieces(hp, rt, trainer.micro, trainer.accum)[1]}",
+              f"pieces_per_forward:{trainer.pieces}",
               flush=True)
         t0 = time.perf_counter()
         for _ in range(max(hp.prime_steps, 2)):

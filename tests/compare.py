@@ -5,8 +5,8 @@ RUN is a run folder (its train.log, or its only *.log) or a log file: ours, or o
 published script (the challenge's records). Prints one table: val_bpb at every validated step of every
 run, the published value and each run's delta to it where the run is comparable, otherwise each run's
 delta to the first run; then pre-TTT and final val_bpb, total bytes, training and evaluation time.
-Comparable: a log of ours whose validation lines carry `ref_val_bpb:` (train_gpt.py prints it when the
-run has the published configuration), or a published-format log of a 25,000-step run.
+Comparable: a log of ours whose `config:` lines are the published configuration (published_config: any GPU
+count, seed or LR shape), or a published-format log of a 25,000-step run.
 Writes a PNG (default ./compare.png): val_bpb against step for every run with the published curve,
 the deltas to it, and TTT's running val_bpb against chunk when the logs have TTT. Without matplotlib
 the table still prints, with one line saying why there is no picture. Bad input: one line, exit 2.
@@ -20,14 +20,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt as tg  # noqa: E402  (the published val_bpb curve: one copy, train_gpt.REF_VAL_BPB)
+import train_gpt as tg  # noqa: E402  (its Hyperparameters: is a run of ours the published configuration?)
 
-REF_EVERY = 500  # steps between the values of train_gpt.REF_VAL_BPB
-REF_STEPS = REF_EVERY * (len(tg.REF_VAL_BPB) - 1)  # 25,000
+# The published run's val_bpb (float weights, standard eval) at steps 0, 500, ..., 25,000: the reference curve.
+REF_VAL_BPB = tuple(map(float, """4.1043 1.3944 1.3250 1.2972 1.2655 1.2533 1.2456 1.2426 1.2393 1.2352 1.2305 1.2291
+1.2295 1.2248 1.2256 1.2243 1.2210 1.2218 1.2200 1.2205 1.2176 1.2187 1.2163 1.2155 1.2175
+1.2134 1.2096 1.2078 1.2054 1.2047 1.1990 1.1971 1.1951 1.1939 1.1890 1.1853 1.1826 1.1812
+1.1771 1.1744 1.1689 1.1644 1.1615 1.1559 1.1507 1.1453 1.1387 1.1321 1.1243 1.1156 1.1088""".split()))
+REF_EVERY = 500  # steps between the values of REF_VAL_BPB
+REF_STEPS = REF_EVERY * (len(REF_VAL_BPB) - 1)  # 25,000
 # Other published figures (read off the published run's log): final line, bytes, training and evaluation time.
 REF_FINAL = {"pre_ttt": None, "final": 1.09440207, "bytes_total": 14_496_936, "train_s": 12_509.3, "eval_s": 2_074.0}
 REF_TTT = Path(__file__).with_name("pr644_ttt_curve.tsv")  # chunk, chunks_total, running_val_bpb, elapsed_s
 NOISE = 0.001  # seed-to-seed spread of the published recipe's val_bpb
+
+
+def ref_val_bpb(step: int) -> float | None:
+    """The published val_bpb at `step`, if its log has one (every 500 steps)."""
+    return REF_VAL_BPB[step // REF_EVERY] if step % REF_EVERY == 0 and 0 <= step <= REF_STEPS else None
+
+
+def published_config(hp: "tg.Hyperparameters") -> bool:
+    """Model, batch, ITERATIONS, WARMDOWN_ITERS as published, full validation, no cap (any GPU count, LR shape)."""
+    ref, same = tg.Hyperparameters(), ("train_batch_tokens", "iterations", "warmdown_iters", "max_wallclock_seconds",
+                                       "val_max_tokens")
+    return hp.model_signature() == ref.model_signature() and all(getattr(hp, k) == getattr(ref, k) for k in same)
+
+
+def logged_config_is_published(config: dict[str, str]) -> bool:
+    """A log's `config:KNOB=value` lines (all of them, as train_gpt.py prints them) name the published config."""
+    if set(config) != {f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)}:
+        return False  # another version's knobs, or not the whole header
+    try:
+        return published_config(tg.Hyperparameters.from_env({**config, "EVAL_ONLY": "0"}))
+    except tg.UserError:
+        return False
 SUMMARY = (("pre_ttt", "pre-TTT", "bpb"), ("final", "final", "bpb"), ("bytes_total", "bytes", "bytes"),
            ("train_s", "train_s", "s"), ("eval_s", "eval_s", "s"))  # key, row label, format
 
@@ -80,14 +107,16 @@ def parse_log(log: Path) -> Run:
     except OSError as e:
         raise CompareError(f"cannot read {log}: {e.strerror}") from None
     run = Run(log, log.parent.resolve().name if log.name == "train.log" else log.stem)
-    their_eval_ms, ttt_s, ref_marked = [], 0.0, False
+    their_eval_ms, ttt_s, ref_marked, config = [], 0.0, False, {}
     for line in lines:
         run.ours |= line.startswith("config:")
+        if line.startswith("config:") and "=" in line:
+            config.__setitem__(*line[len("config:"):].split("=", 1))
         if line.startswith("config:SEED="):
             run.seed = line.split("=", 1)[1]
         if m := VAL.match(line):
             run.val[int(m[1])], run.iterations = float(m[3]), int(m[2])
-            ref_marked |= " ref_val_bpb:" in line
+            ref_marked |= " ref_val_bpb:" in line  # how logs of earlier versions marked a published run
         if m := STEP_TIME.match(line):
             run.summary["train_s"] = int(m[1]) / 1000
         if m := TTT[0].match(line) or TTT[1].match(line):
@@ -105,7 +134,7 @@ def parse_log(log: Path) -> Run:
     if not run.ours and (their_eval_ms or ttt_s):  # TTT timed on its chunk lines when no legal_ttt line says it
         timed_ttt = any(is_ttt for is_ttt, _ in their_eval_ms)
         run.summary["eval_s"] = sum(ms for _, ms in their_eval_ms) / 1000 + (0.0 if timed_ttt else ttt_s)
-    run.comparable = ref_marked if run.ours else run.iterations == REF_STEPS
+    run.comparable = ref_marked or logged_config_is_published(config) if run.ours else run.iterations == REF_STEPS
     return run
 
 
@@ -140,7 +169,7 @@ def table(runs: list[Run]) -> str:
             cells.append(fmt(values[i] - base[b], kind, signed=True) if both else "-")
         return cells
 
-    rows = [row(str(step), [r.val.get(step) for r in runs], tg.ref_val_bpb(step), "bpb")
+    rows = [row(str(step), [r.val.get(step) for r in runs], ref_val_bpb(step), "bpb")
             for step in sorted({s for r in runs for s in r.val})]
     summary = [row(label, [r.summary[key] for r in runs], REF_FINAL[key], kind) for key, label, kind in SUMMARY]
     widths = [max(len(x[c]) for x in [head] + rows + summary) for c in range(len(head))]
@@ -168,7 +197,7 @@ def plot(runs: list[Run], out: Path) -> str:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), dpi=80, squeeze=False)
     ax = dict(zip(panels, axes[0]))
     ref = dict(color="k", ls="--", lw=1.2)
-    ax["val"].plot([i * REF_EVERY / REF_STEPS for i in range(len(tg.REF_VAL_BPB))], tg.REF_VAL_BPB, **ref,
+    ax["val"].plot([i * REF_EVERY / REF_STEPS for i in range(len(REF_VAL_BPB))], REF_VAL_BPB, **ref,
                    label="published (25,000 steps)")
     for i, r in enumerate(runs):
         steps, style = sorted(r.val), dict(color=f"C{i}", marker="o", ms=3, lw=1.4)
@@ -176,14 +205,14 @@ def plot(runs: list[Run], out: Path) -> str:
         ax["val"].plot([s / max(r.iterations, 1) for s in steps], [r.val[s] for s in steps], **style,
                        label=f"{name} ({r.iterations} steps)")
         if r.comparable:
-            pts = [(s, r.val[s] - tg.ref_val_bpb(s)) for s in steps if tg.ref_val_bpb(s) is not None]
+            pts = [(s, r.val[s] - ref_val_bpb(s)) for s in steps if ref_val_bpb(s) is not None]
             ax["delta"].plot([s for s, _ in pts], [d for _, d in pts], **style, label=name)
         if r.ttt:
             ax["ttt"].plot([c / n for c, n, _ in r.ttt], [b for *_, b in r.ttt], color=f"C{i}", lw=1.4, label=name)
-    later = [v for r in runs for s, v in r.val.items() if s > 0] + list(tg.REF_VAL_BPB[1:])
+    later = [v for r in runs for s, v in r.val.items() if s > 0] + list(REF_VAL_BPB[1:])
     low, high = min(later + [v for r in runs for v in r.val.values()]), max(later)
     ax["val"].set_ylim(low - 0.03 * (high - low), high + 0.05 * (high - low))
-    clipped = max(v for r in runs for v in r.val.values()) > high or tg.REF_VAL_BPB[0] > high
+    clipped = max(v for r in runs for v in r.val.values()) > high or REF_VAL_BPB[0] > high
     ax["val"].set(xlabel="step / ITERATIONS (top: step of a 25,000-step run)", ylabel="val_bpb",
                   title="val_bpb during training" + (" (step 0 above the frame)" if clipped else ""))
     ax["val"].secondary_xaxis("top", functions=(lambda x: x * REF_STEPS, lambda s: s / REF_STEPS))

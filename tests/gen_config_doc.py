@@ -1,11 +1,14 @@
 """Writes docs/configuration.md from train_gpt.py: the knobs as `python train_gpt.py --help` lists them (same
-sections, defaults and help texts, from train_gpt.knob_sections) plus the published script's accepted switches.
+defaults and help texts, read off its lines) in sections, one per comment line of the Hyperparameters field list,
+plus the published script's accepted switches.
 Deterministic and quick (imports train_gpt, runs nothing); tests/test_docs.py fails when the page is out of date.
 
     python tests/gen_config_doc.py      # any Python with torch, e.g. .venv/bin/python after ./run.sh
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -22,8 +25,25 @@ def cell(text: str) -> str:
     return text
 
 
+def knob_sections(tg) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """(section, [(KNOB, default, help)]) in the order of Hyperparameters, a section per comment line of its field
+    list; each row is read off `train_gpt.py --help` (help_text), so the page shows the same text."""
+    fields = {f.name: f for f in dataclasses.fields(tg.Hyperparameters)}
+    lines = {line.split()[0]: line for line in tg.help_text().splitlines() if line.split()[:1]}
+    sections: list = []
+    for src in inspect.getsource(tg.Hyperparameters).splitlines():
+        name = src[4:].split(":")[0]
+        if src.startswith("    # "):
+            sections.append((src[6:], []))
+        elif name in fields:
+            row, meaning = lines[name.upper()], fields[name].metadata["help"]
+            assert row.endswith(meaning), row
+            sections[-1][1].append((name.upper(), row[len(name):-len(meaning)].strip(), meaning))
+    return [s for s in sections if s[1]]
+
+
 def render(tg) -> str:
-    sections = tg.knob_sections()
+    sections = knob_sections(tg)
     out = ["# Configuration", "",
            "Every setting of `train_gpt.py` is an environment variable, set on the command line (`SEED=1 ./run.sh "
            "train`);",

@@ -58,40 +58,39 @@ def published_log(tmp_path):
 # ---------------------------------------------------------------------------------------------- reference
 
 def test_published_config_is_the_published_run_on_any_schedule_shape_or_gpu_count():
-    assert tg.published_config(hp())  # the defaults are the published run
+    assert compare.published_config(hp())  # the defaults are the published run
     for same in (dict(WARMDOWN_SHAPE="linear", WARMUP_STEPS=0), dict(MICRO_BATCH_SEQS=24), dict(SEED=1337),
                  dict(VAL_LOSS_EVERY=100, EMA_DECAY=0.99, TTT_ENABLED=0)):
-        assert tg.published_config(hp(**same)), same
+        assert compare.published_config(hp(**same)), same
     for other in (dict(NUM_LAYERS=12), dict(MLP_HIDDEN=1024), dict(BOS_MASK=1), dict(TRAIN_BATCH_TOKENS=393216),
                   dict(TRAIN_SEQ_LEN=1024), dict(ITERATIONS=20000), dict(WARMDOWN_ITERS=12000),
                   dict(MAX_WALLCLOCK_SECONDS=600), dict(VAL_MAX_TOKENS=1000000)):
-        assert not tg.published_config(hp(**other)), other
+        assert not compare.published_config(hp(**other)), other
 
 
-def test_ref_suffix_only_at_published_steps_of_the_published_config():
-    assert len(tg.REF_VAL_BPB) == 51  # the published log's, spot checks
-    assert [tg.REF_VAL_BPB[i] for i in (0, 1, 10, 30, 50)] == [4.1043, 1.3944, 1.2305, 1.1990, 1.1088]
-    seed = hp()
-    assert tg.ref_suffix(seed, 5000, 1.23171) == " ref_val_bpb:1.2305 delta:+0.0012"
-    assert tg.ref_suffix(seed, 0, 4.10404) == " ref_val_bpb:4.1043 delta:-0.0003"
-    assert tg.ref_suffix(seed, 25000, 1.1088) == " ref_val_bpb:1.1088 delta:+0.0000"
-    for step in (250, 4999, 25500):
-        assert tg.ref_suffix(seed, step, 1.2) == "", step
-    assert tg.ref_suffix(hp(ITERATIONS=20000), 5000, 1.2317) == ""
+def test_reference_curve_only_at_published_steps():
+    assert len(compare.REF_VAL_BPB) == 51  # the published log's, spot checks
+    assert [compare.REF_VAL_BPB[i] for i in (0, 1, 10, 30, 50)] == [4.1043, 1.3944, 1.2305, 1.1990, 1.1088]
+    assert [compare.ref_val_bpb(s) for s in (0, 5000, 25000)] == [4.1043, 1.2305, 1.1088]
+    for step in (250, 4999, 25500, -500):
+        assert compare.ref_val_bpb(step) is None, step
 
 
-def test_validation_lines_carry_the_suffix(monkeypatch, capsys):
-    """The training loop appends ref_suffix to its validation lines and nothing else changes in them."""
-    h = hp(**{**TINY, "ITERATIONS": 1, "WARMDOWN_ITERS": 0, "VAL_LOSS_EVERY": 1})
-    model = tg.GPT(h)
-    rt = tg.Runtime(compiled=model)
-    trainer = tg.Trainer(h, rt, model, tg.TokenStream(tg.shard_files(str(SAMPLE), "train")))
-    monkeypatch.setattr(tg, "published_config", lambda _: True)
-    trainer.run(lambda m: (6.9, 4.10421))
-    val = [l for l in capsys.readouterr().out.splitlines() if " val_loss:" in l]
-    assert val[0].startswith("step:0/1 val_loss:6.9000 val_bpb:4.1042 train_time:")
-    assert val[0].endswith("ms ref_val_bpb:4.1043 delta:-0.0001")
-    assert val[1].startswith("step:1/1 val_loss:6.9000 val_bpb:4.1042 train_time:") and val[1].endswith("ms")
+def header(**env) -> str:
+    """The `config:` lines train_gpt.py's log_header writes for these knobs."""
+    h = hp(**env)
+    return "".join(f"config:{f.name.upper()}={getattr(h, f.name)}\n" for f in tg.dataclasses.fields(h))
+
+
+def test_our_log_is_comparable_when_its_config_lines_are_the_published_run(tmp_path):
+    val = "step:0/25000 val_loss:6.9000 val_bpb:4.1042 train_time:0ms step_avg:0.00ms\n"
+    for env, comparable in ((dict(SEED=1337), True), (dict(ITERATIONS=20000, WARMDOWN_ITERS=10000), False),
+                            (dict(EVAL_STRIDE=0, TTT_ENABLED=0), True), (dict(VAL_MAX_TOKENS=1000), False)):
+        log = tmp_path / "train.log"
+        log.write_text(header(**env) + val)
+        assert compare.parse_log(log).comparable is comparable, env
+    log.write_text("".join(l + "\n" for l in header().splitlines() if "SEED=" not in l) + val)
+    assert not compare.parse_log(log).comparable  # not the whole header: not known to be the published run
 
 
 # ---------------------------------------------------------------------------------------------- parsing

@@ -252,8 +252,6 @@ def test_help_lists_every_knob_with_default(cli):
         default = ("1" if f.default else "0") if isinstance(f.default, bool) else str(f.default) or "-"
         assert rest.startswith(default + " "), f"{name}: default {default!r} not shown: {rows[0]!r}"
         assert f.metadata["help"] in rows[0], f"{name}: help text missing"
-    sections = [l for l in lines if l.startswith("[")]  # grouped as the dataclass's comments group the fields
-    assert sections[:3] == ["[paths and run identity]", "[model]", "[training]"] and len(sections) >= 5, sections
 
 
 def test_dry_run_checks_what_a_run_on_n_processes_needs(tmp_path, corpus):
