@@ -959,7 +959,9 @@ class Trainer:
         """Stop after this step? One process: once it got a signal. Several: once the votes summed by the loss's
         all-reduce say so, read (a host sync) at the same steps on all ranks, so that all stop after the same step.
         Every 4 steps: ~3 s at 0.8 s/step, 10 s on a 3x slower GPU, inside torchrun's 30 s grace with the write."""
-        return STOP.signum > 0 if self.rt.world == 1 else (now or self.step % 4 == 0) and self.votes.item() > 0
+        if self.rt.world == 1 or (now and STOP.signum):  # at the loop's end a rank's own signal suffices too
+            return STOP.signum > 0
+        return (now or self.step % 4 == 0) and self.votes.item() > 0
 
     def run(self, evaluate) -> None:
         """Train to ITERATIONS (or the wall-clock cap); validation and checkpoint time is not counted."""

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -478,6 +479,25 @@ def test_priming_divergence_is_forgotten(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- 9. stop signals
+
+def test_ranks_agree_on_the_stop_step_and_a_rank_stops_on_its_own_signal_at_the_loops_end(monkeypatch):
+    """Several processes read the summed votes every 4 steps (all ranks at the same steps); after the last step (or a
+    stop) also a rank's own signal counts, e.g. one that arrived during the last validation, after every vote."""
+    trainer = SimpleNamespace(rt=SimpleNamespace(world=2), step=5, votes=torch.tensor(1.0))
+    agreed = lambda now=False: tg.Trainer.stop_agreed(trainer, now)
+    monkeypatch.setattr(tg.STOP, "signum", 0)
+    assert not agreed() and agreed(now=True)  # step 5 is no reading step; the loop's end reads the votes
+    trainer.step = 6
+    assert not agreed()
+    trainer.step = 8
+    assert agreed()
+    trainer.votes = torch.tensor(0.0)
+    assert not agreed() and not agreed(now=True)
+    monkeypatch.setattr(tg.STOP, "signum", signal.SIGTERM)  # this rank's signal, after its last vote
+    assert not agreed() and agreed(now=True)
+    trainer.rt.world = 1  # one process: its own signal, at every step boundary
+    assert agreed()
+
 
 STOPPED = re.compile(r"^stopped: (SIG\w+) at step (\d+)/16; checkpoint (\S+); continue with RESUME=1$", re.M)
 
