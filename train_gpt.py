@@ -736,7 +736,7 @@ class Runtime:
 
     def log(self, msg: str) -> None:
         if self.main:
-            print(msg, flush=True)
+            print(msg + "\n", end="", flush=True)  # one write: lines of several processes never interleave
             if self.log_file is not None:
                 self.log_file.write(msg + "\n")
                 self.log_file.flush()
