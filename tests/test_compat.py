@@ -58,6 +58,14 @@ def test_incompatible_schedule_is_refused(env, var):
     tg.Hyperparameters.from_env({"COMPAT_PR644": "1", "WARMUP_STEPS": "0", "WARMDOWN_SHAPE": "linear"})
 
 
+def test_priming_count_is_the_published_one_only_where_it_leaves_a_trace():
+    """Priming is undone bit for bit (tests/test_optim.py), so the default primes 3 steps, enough to compile; under
+    COMPAT_PR644=1 the kept scale gradient remembers every priming step, so it primes the published 20."""
+    assert tg.Hyperparameters.from_env({}).prime_steps == 3
+    assert tg.Hyperparameters.from_env({"COMPAT_PR644": "1"}).prime_steps == 20
+    assert tg.Hyperparameters.from_env({"COMPAT_PR644": "1", "PRIME_STEPS": "5"}).prime_steps == 5
+
+
 # ----------------------------------------------------------------------------------------------
 # b. master weights as the published script holds them; c. the bf16 Muon update buffer
 # ----------------------------------------------------------------------------------------------

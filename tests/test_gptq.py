@@ -120,3 +120,36 @@ def test_calibration_never_reads_validation(tmp_path):
     floats = [re.search(r"float_eval val_loss:(\S+)", o).group(1) for o in outs]
     assert floats[0] != floats[1]  # the validation data did differ
     assert blobs[0] == blobs[1]
+
+
+def test_hessians_take_one_product_per_distinct_input(corpus):
+    """c_q, c_k and c_v read the same input: collect_hessians forms its x^T x once (one of its heaviest costs at
+    the seed config) and gives all three the same sum, equal to a reference that forms every module's own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    model = tiny_model(seed=0, **CFG)
+    t = torch.from_numpy(tg.TokenStream(tg.shard_files(str(SAMPLE), "train")).take(4 * 64 + 1).astype(np.int64))
+    batch, n_tok = [(t[:-1].view(4, 64), t[1:].view(4, 64))], 4 * 64
+    inputs, last = {}, model.blocks[-1]
+    hooks = [m.register_forward_hook(lambda m, i, o: inputs.__setitem__(m, tg.rms(o) if m is last else i[0]))
+             for m in [*(m for m in model.modules() if isinstance(m, torch.nn.Linear)), last]]
+    with torch.no_grad():
+        model(*batch[0])
+    for h in hooks:
+        h.remove()
+    names = {m: n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    names[last] = "tok_emb.weight"
+    ref = {names[m]: (x.reshape(-1, x.size(-1)).float().T @ x.reshape(-1, x.size(-1)).float()).double()
+           for m, x in inputs.items()}
+    distinct = len({id(x) for x in inputs.values()})
+
+    class CountProducts(TorchDispatchMode):  # x^T x: (d, tokens) @ (tokens, d)
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.mm.default and args[0].shape[1] == n_tok == args[1].shape[0]:
+                CountProducts.n += 1
+            return func(*args, **(kwargs or {}))
+    with CountProducts():
+        H = tg.collect_hessians(model, batch, tg.Runtime())
+    assert set(H) == set(ref) and all(torch.equal(H[k], ref[k]) for k in ref)
+    assert distinct < len(ref) and CountProducts.n == distinct, (CountProducts.n, distinct, len(ref))
