@@ -1,0 +1,104 @@
+"""Activation study (issue 19): the bytes a compiled training forward keeps for its backward, ours against the
+published model, on any machine (no GPU needed).
+
+    [knobs in the environment] [PEER_SCRIPT=path/to/the/published/train_gpt.py] python tests/activation_study.py [B]
+
+Both models are traced by torch.compile (dynamo + AOTAutograd) at B sequences of TRAIN_SEQ_LEN under bf16
+autocast, and their joint graphs split by the min-cut partitioner that inductor uses; the forward graph's extra
+outputs are what the backward keeps. Autocast follows CUDA's dtype policy where CPU autocast differs (rms_norm in
+float32). Printed: the total (and scaled to MICRO_BATCH_SEQS) and the largest groups by shape and dtype. It
+compares the graphs, not a GPU's peak: kernels (flash attention) and the allocator differ there. Not a test."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+_rms_norm = F.rms_norm
+
+
+def rms_norm_as_on_cuda(x, shape, weight=None, eps=None):
+    """CUDA autocast runs rms_norm in float32; CPU autocast leaves it in the input's dtype."""
+    if torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return _rms_norm(x.float(), shape, None if weight is None else weight.float(), eps)
+    return _rms_norm(x, shape, weight, eps)
+
+
+def kept_for_backward(model: torch.nn.Module, loss_of) -> list[torch.Tensor]:
+    """Fake tensors of what the partitioned forward saves for the backward (one traced forward)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    kept = []
+
+    def forward_graph(gm, inputs):
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        kept.extend(v for v in (getattr(n, "meta", {}).get("val") for n in out) if isinstance(v, torch.Tensor))
+        return gm.forward
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=forward_graph, bw_compiler=lambda g, _: g.forward,
+                                     partition_fn=min_cut_rematerialization_partition)
+    compiled = torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_of(compiled)
+    return kept
+
+
+def peer_model(hp: tg.Hyperparameters, script: str) -> torch.nn.Module:
+    """The published GPT at our knobs, with its tok_emb in bf16 as its script keeps it."""
+    spec = importlib.util.spec_from_file_location("peer_train_gpt", script)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    m = peer.GPT(vocab_size=hp.vocab_size, num_layers=hp.num_layers, model_dim=hp.model_dim, num_heads=hp.num_heads,
+                 num_kv_heads=hp.num_kv_heads, mlp_mult=3, tie_embeddings=True,
+                 tied_embed_init_std=hp.tied_embed_init_std, logit_softcap=hp.logit_softcap, rope_base=hp.rope_base,
+                 qk_gain_init=hp.qk_gain_init, mlp_hidden=hp.mlp_hidden, bigram_buckets=hp.bigram_buckets,
+                 bigram_embed_dim=hp.bigram_embed_dim, rope_dims=hp.rope_dims, ln_scale=hp.ln_scale,
+                 xsa_last_n=hp.xsa_layers, ve_enabled=hp.ve_enabled, ve_dim=hp.ve_dim, ve_layers=hp.ve_layers,
+                 rope_train_seq_len=hp.rope_train_seq_len)
+    m.tok_emb.bfloat16()
+    return m
+
+
+def main() -> None:
+    hp = tg.Hyperparameters.from_env()
+    B, T = int(sys.argv[1]) if len(sys.argv) > 1 else 2, hp.train_seq_len
+    F.rms_norm = rms_norm_as_on_cuda
+    torch.manual_seed(hp.seed)
+    x, y = (torch.randint(0, hp.vocab_size, (B, T)) for _ in range(2))
+    models = [("ours", tg.GPT(hp), lambda m: m(x, y).mean())]
+    script = os.environ.get("PEER_SCRIPT", "")
+    if script:
+        models.append(("published", peer_model(hp, script), lambda m: m(x, y)))
+    else:
+        print("activation_study model:published not_run:PEER_SCRIPT_unset")
+    totals = {}
+    for name, model, loss_of in models:
+        kept = kept_for_backward(model, loss_of)
+        nbytes = sum(t.numel() * t.element_size() for t in kept)
+        totals[name] = nbytes
+        scale = hp.micro_batch_seqs / B
+        print(f"activation_study model:{name} params:{sum(p.numel() for p in model.parameters())} seqs:{B} "
+              f"seq_len:{T} kept_tensors:{len(kept)} kept_mib:{nbytes / 2**20:.1f} "
+              f"at_micro_batch_{hp.micro_batch_seqs}_gib:{nbytes * scale / 2**30:.2f}")
+        groups = Counter()
+        for t in kept:
+            groups[(tuple(t.shape), str(t.dtype).removeprefix("torch."))] += t.numel() * t.element_size()
+        for (shape, dtype), b in groups.most_common(8):
+            print(f"activation_study_group model:{name} shape:{'x'.join(map(str, shape))} dtype:{dtype} "
+                  f"mib:{b / 2**20:.1f}")
+    if len(totals) == 2:
+        print(f"activation_study ratio_ours_to_published:{totals['ours'] / totals['published']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
