@@ -8,7 +8,7 @@
 #   eval ARTIFACT    score an artifact without training (EVAL_ONLY)
 #   compare RUN...   runs (folders or train.logs, ours or the published script's) against each other and the
 #                    published run: a table and compare.png (--out FILE): tests/compare.py
-#   bench WHAT       train [--profile] (tokens/s, step ms, memory at seed config), peer, ttt, artifact: tests/bench.py
+#   bench WHAT       train [--profile] [--memory] (tokens/s, step ms, memory), peer, ttt, artifact: tests/bench.py
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}

@@ -3,7 +3,9 @@
 train     training throughput (tokens/s per device), step time and peak memory at the seed config
           (override any knob through the environment; on a CPU use a smaller config); a line as soon as
           compilation and priming end. `train --profile`: then the 20 most expensive kernels of one steady
-          step (CUDA kernels on a GPU, CPU operators on a CPU), each with its share of the step time
+          step (CUDA kernels on a GPU, CPU operators on a CPU), each with its share of the step time;
+          `train --memory`: what is held between steps and what holds one step's peak, by the line that
+          allocated it (CUDA only)
 peer      the published script (PEER_SCRIPT=path to it; CUDA only) on the same data and batch: its steady
           step time, tokens/s, peak memory and compile+priming time (without PEER_SCRIPT: "not run")
 ttt       our score-first TTT against a straightforward implementation of the same protocol, same model
@@ -86,6 +88,64 @@ def profile_step(trainer, top: int = 20) -> None:
               f"calls:{e.count} name:{e.key[:100]}")
 
 
+def peak_holders(trace: list[dict], baseline: int, top: int = 10) -> tuple[int, list[tuple[str, int]]]:
+    """Replay an allocator trace (torch.cuda.memory._snapshot()["device_traces"][device], recorded with python
+    stacks) from `baseline` live bytes: the peak of live bytes, and the allocations alive at the peak, summed by
+    where they were made: the innermost train_gpt.py frame, else the innermost frame (the backward runs on autograd's
+    thread: its frames start in the compiled graph), "via compiled code" when inductor's generated code made them.
+    Largest first, at most `top`."""
+    def replay(stop: int | None = None) -> tuple[int, int, dict]:
+        live, cur, peak, at = {}, baseline, baseline, -1
+        for i, e in enumerate(trace[:stop]):
+            if e["action"] == "alloc":
+                live[e["addr"]] = e
+                cur += e["size"]
+                if cur > peak:
+                    peak, at = cur, i
+            elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
+                cur -= live.pop(e["addr"])["size"]
+        return peak, at, live
+
+    peak, at, _ = replay()
+    generated = ("torchinductor", os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "torchinductor")  # its code's folder
+    held: dict[str, int] = {}
+    for e in replay(at + 1)[2].values():
+        frames = e.get("frames") or []
+        ours = [f for f in frames if f["filename"].endswith("train_gpt.py")]
+        f = (ours or frames or [None])[0]
+        where = f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" if f else "no stack"
+        if any(d in g["filename"] for g in frames for d in generated):
+            where += " via compiled code"
+        held[where] = held.get(where, 0) + e["size"]
+    return peak, sorted(held.items(), key=lambda kv: -kv[1])[:top]
+
+
+def memory_step(trainer) -> None:
+    """One more steady step with the CUDA allocator's history recorded: what is held between steps (weights,
+    optimizer state, EMA) and what holds the step's peak, by the line that allocated it."""
+    rt = trainer.rt
+    if rt.device.type != "cuda":
+        print("bench_memory not_run:cuda_only (the allocator history is CUDA's)")
+        return
+    mib = lambda n: f"{n / 2**20:.0f}"
+    tensors = lambda ts: sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+    sync()
+    base = torch.cuda.memory_allocated(rt.device)
+    weights = tensors(trainer.model.parameters())
+    opt = tensors(v for o in trainer.opts for st in o.state.values() for v in st.values())
+    ema = tensors((trainer.ema or {}).values())
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    trainer.train_step(1.0)
+    sync()
+    trace = torch.cuda.memory._snapshot()["device_traces"][rt.device.index or 0]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    peak, held = peak_holders(trace, base)
+    print(f"bench_memory between_steps_mib:{mib(base)} weights_mib:{mib(weights)} optimizer_state_mib:{mib(opt)} "
+          f"ema_mib:{mib(ema)} step_peak_mib:{mib(peak)} trace_events:{len(trace)}")
+    for i, (where, n) in enumerate(held, 1):
+        print(f"bench_memory_top rank:{i} mib:{mib(n)} where:{where}")
+
+
 def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
     profile = "--profile" in sys.argv
     hp = tg.Hyperparameters.from_env()
@@ -122,6 +182,8 @@ def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
                f"peak_mem_mib:{mem:.0f} params:{sum(p.numel() for p in model.parameters())}")
         if profile:
             profile_step(trainer)
+        if "--memory" in sys.argv:
+            memory_step(trainer)
 
 
 def straightforward_ttt(hp, rt, model, val: torch.Tensor, tables) -> tuple[float, float]:
@@ -339,9 +401,9 @@ def bench_artifact() -> None:
 
 if __name__ == "__main__":
     benches = {"train": bench_train, "peer": bench_peer, "ttt": bench_ttt, "artifact": bench_artifact}
-    what = [a for a in sys.argv[1:] if a != "--profile"]
+    what = [a for a in sys.argv[1:] if a not in ("--profile", "--memory")]
     if not what or any(w not in benches for w in what):
-        print("usage: ./run.sh bench train [--profile]|peer|ttt|artifact [...]   (train runs at the seed config: "
+        print("usage: ./run.sh bench train [--profile] [--memory]|peer|ttt|artifact [...]   (train: the seed config; "
               "on a CPU, set smaller knobs)", file=sys.stderr)
         sys.exit(2)
     for w in what:

@@ -4,8 +4,9 @@
 # there, so each step's limit is that plus its work; the steps run most important first, and the whole script stops
 # starting steps once GPU_CHECK_BUDGET_S (460 s, setup included) is spent. A step that fails or runs out of time
 # leaves the others' results and its own rows say so. Steps, limits (LIMIT_<STEP>=seconds overrides one):
-#   1. bench_train (110 s): tests/bench.py train --profile at the seed config, compiled, bf16: compile + priming
-#      time, steady step ms, tokens/s, peak memory, then the 20 most expensive CUDA kernels of one step.
+#   1. bench_train (110 s): tests/bench.py train --profile --memory at the seed config, compiled, bf16: compile +
+#      priming time, steady step ms, tokens/s, peak memory, the 20 most expensive CUDA kernels of one step, then
+#      what is held between steps and which lines hold one step's peak (one more step, allocator history on).
 #   2. bench_peer (100 s): the published script (PEER_SCRIPT=path; without it the rows say "not run") on the same
 #      data and batch: its compile + warm-up, step ms, tokens/s, peak memory, then its TTT seconds per chunk.
 #   3. bench_ttt (90 s): TTT at the seed config, 10 epochs, 32,768-token chunks: steady seconds per chunk, ours
@@ -57,7 +58,7 @@ step() {  # step NAME LIMIT command...: run it under min(LIMIT, budget left), lo
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
 bench_knobs=(PRIME_STEPS="${PRIME_STEPS:-3}" BENCH_STEPS="${BENCH_STEPS:-10}")
-step bench_train 110 env "${bench_knobs[@]}" "$PY" tests/bench.py train --profile
+step bench_train 110 env "${bench_knobs[@]}" "$PY" tests/bench.py train --profile --memory
 step bench_peer 100 env "${bench_knobs[@]}" "$PY" tests/bench.py peer
 step bench_ttt 90 env BENCH_SEED_CONFIG=1 TTT_EPOCHS="${BENCH_TTT_EPOCHS:-10}" \
   VAL_MAX_TOKENS="${VAL_MAX_TOKENS:-65537}" "$PY" tests/bench.py ttt

@@ -11,6 +11,7 @@ import sys
 
 STEPS = ("bench_train", "bench_peer", "bench_ttt", "pipeline", "eval_only")
 TOP = 20  # kernels of the profile
+HOLDERS = 8  # places that hold the peak memory
 
 
 def sections(text: str) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -97,6 +98,18 @@ def table(text: str) -> str:
     else:
         cell = "not compiled" if status.get("eval_only", "").startswith("ok") else why("eval_only")
     rows.append(ours_only("EVAL_ONLY compile cache: warm at start; FX graph hits/misses", cell))
+    mem, holders = fields(out.get("bench_train", []), "bench_memory"), \
+        [l for l in out.get("bench_train", []) if l.startswith("bench_memory_top ")]
+    no_mem = "not run (CUDA only)" if mem and "not_run" in mem else why("bench_train")
+    rows.append(ours_only("memory held between steps (MiB): all (weights, optimizer state, EMA)",
+                          f"{mem['between_steps_mib']} ({mem['weights_mib']}, {mem['optimizer_state_mib']}, "
+                          f"{mem['ema_mib']})" if mem and "not_run" not in mem else no_mem))
+    rows.append(ours_only("memory at one step's peak (MiB)", mem["step_peak_mib"] if mem and "not_run" not in mem
+                          else no_mem))
+    for i in range(HOLDERS):  # the place comes last: it holds spaces
+        cell = (f"{fields([holders[i]], 'bench_memory_top')['mib']} MiB: {holders[i].split(' where:', 1)[1]}"
+                if i < len(holders) else "—" if holders else no_mem)
+        rows.append(ours_only(f"peak holder {i + 1}", cell))
     top = [l for l in out.get("bench_train", []) if l.startswith("bench_profile_top ")]
     for i in range(TOP):
         if i < len(top):  # the name comes last: it may hold spaces

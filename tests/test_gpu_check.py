@@ -23,7 +23,9 @@ LABELS = ["step bench_train", "step bench_peer", "step bench_ttt", "step pipelin
           "pipeline (train, artifact, TTT): graphs / graph breaks",
           "pipeline (train, artifact, TTT): val_bpb, eval time",
           "EVAL_ONLY of its artifact: graphs / graph breaks", "EVAL_ONLY of its artifact: val_bpb, eval time",
-          "EVAL_ONLY compile cache: warm at start; FX graph hits/misses"] + [f"kernel {i}" for i in range(1, 21)]
+          "EVAL_ONLY compile cache: warm at start; FX graph hits/misses",
+          "memory held between steps (MiB): all (weights, optimizer state, EMA)", "memory at one step's peak (MiB)"] + \
+    [f"peak holder {i}" for i in range(1, 9)] + [f"kernel {i}" for i in range(1, 21)]
 TTT_LABELS = [l for l in LABELS if l.startswith("TTT")]
 
 
@@ -62,6 +64,7 @@ def test_rehearsal_runs_every_step_in_order_and_ends_with_the_full_table(tmp_pat
     assert rows["pipeline (train, artifact, TTT): val_bpb, eval time"][1].startswith(final + ", ")
     assert rows["EVAL_ONLY of its artifact: val_bpb, eval time"][1].startswith(final + ", ")
     assert rows["pipeline (train, artifact, TTT): graphs / graph breaks"][1] == "not compiled"
+    assert rows["memory at one step's peak (MiB)"][1] == rows["peak holder 1"][1] == "not run (CUDA only)"
 
 
 def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
@@ -71,6 +74,8 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
         "gpu_check:bench_train start:10:00:00 limit:110s", "bench_train_primed compile_and_priming_s:70.0",
         "bench_train machine:x step_ms:600.0 tok_s:1310720 peak_mem_mib:40000",
         "bench_profile_top rank:1 share:20.0% ms:120.00 calls:88 name:triton_per_fused_a b",
+        "bench_memory between_steps_mib:520 weights_mib:103 optimizer_state_mib:310 ema_mib:103 step_peak_mib:26000 "
+        "trace_events:900", "bench_memory_top rank:1 mib:24000 where:train_gpt.py:866 train_step via compiled code",
         "gpu_check:bench_train rc:0 secs:100",
         "gpu_check:bench_peer start:10:01:40 limit:100s", "bench_peer machine:x step_ms:750.0 tok_s:1048576 "
         "peak_mem_mib:24000 compile_and_priming_s:60.0 steps:10", "bench_peer_ttt chunks:2 epochs:10 ttt_s:2.60 "
@@ -90,6 +95,10 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
     assert rows["pipeline (train, artifact, TTT): val_bpb, eval time"][1] == "2.5, 9000ms"
     assert rows["step eval_only"][1] == rows[LABELS[18]][1] == "skipped (budget spent)"
     assert rows["kernel 1"][1] == "20.0% of the step, 120.00 ms: triton_per_fused_a b" and rows["kernel 2"][1] == "—"
+    assert rows["memory held between steps (MiB): all (weights, optimizer state, EMA)"][1] == "520 (103, 310, 103)"
+    assert rows["memory at one step's peak (MiB)"][1] == "26000"
+    assert rows["peak holder 1"][1] == "24000 MiB: train_gpt.py:866 train_step via compiled code"
+    assert rows["peak holder 2"][1] == "—"
 
 
 FAKE_PEER = '''import json, os
@@ -127,3 +136,32 @@ def test_bench_peer_runs_the_published_script_with_the_published_knobs_and_reads
     assert "bench_peer_ttt chunks:2 epochs:10 ttt_s:2.60 s_per_chunk:1.300 " in log
     table = gpu_check_table.table("gpu_check:bench_peer start:x\n" + log + "\ngpu_check:bench_peer rc:0 secs:9")
     assert "| training step (ms) | not run | 600.0 |  |" in table
+
+
+def test_peak_holders_replays_the_allocator_trace():
+    """The peak of live bytes over an allocator trace (from the bytes live before it), and what was alive at that
+    moment summed by the innermost train_gpt.py frame (flagged when inductor's generated code allocated it), else
+    the innermost frame; frees after the peak do not count, nor allocations made after it."""
+    import bench  # tests/bench.py
+    ours = lambda line, fn: {"filename": "/x/train_gpt.py", "line": line, "name": fn}
+    gen = {"filename": "/tmp/torchinductor_u/ab/cabc.py", "line": 9, "name": "call"}
+    lib = {"filename": "/site/torch/optim/adamw.py", "line": 5, "name": "_step"}
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": [gen, ours(866, "train_step")]},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": [ours(870, "train_step")]},
+        {"action": "alloc", "addr": 3, "size": 30, "frames": [gen, ours(866, "train_step")]},
+        {"action": "free_requested", "addr": 2, "size": 50, "frames": []},
+        {"action": "free_completed", "addr": 2, "size": 50, "frames": []},
+        {"action": "alloc", "addr": 4, "size": 60, "frames": [lib]},  # peak: 1000 + 100 + 30 + 60 + 5
+        {"action": "alloc", "addr": 7, "size": 5, "frames": [gen]},  # the backward: no train_gpt.py frame
+        {"action": "free_requested", "addr": 1, "size": 100, "frames": []},
+        {"action": "alloc", "addr": 5, "size": 7, "frames": []},
+        {"action": "free_requested", "addr": 4, "size": 60, "frames": []},
+        {"action": "alloc", "addr": 6, "size": 120, "frames": [lib]},  # 1000 + 30 + 5 + 7 + 120 < the peak
+    ]
+    peak, held = bench.peak_holders(trace, baseline=1000)
+    assert peak == 1195
+    assert held == [("train_gpt.py:866 train_step via compiled code", 130), ("adamw.py:5 _step", 60),
+                    ("cabc.py:9 call via compiled code", 5)]
+    assert bench.peak_holders(trace, baseline=1000, top=1)[1] == held[:1]
+    assert bench.peak_holders([], baseline=5) == (5, [])
