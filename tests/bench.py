@@ -88,7 +88,7 @@ def profile_step(trainer, top: int = 20) -> None:
               f"calls:{e.count} name:{e.key[:100]}")
 
 
-def peak_holders(trace: list[dict], baseline: int, top: int = 10) -> tuple[int, list[tuple[str, int]]]:
+def peak_holders(trace: list[dict], baseline: int, top: int = 8) -> tuple[int, list[tuple[str, int]]]:
     """Replay an allocator trace (torch.cuda.memory._snapshot()["device_traces"][device], recorded with python
     stacks) from `baseline` live bytes: the peak of live bytes, and the allocations alive at the peak, summed by
     where they were made: the innermost train_gpt.py frame, else the innermost frame (the backward runs on autograd's
@@ -107,7 +107,7 @@ def peak_holders(trace: list[dict], baseline: int, top: int = 10) -> tuple[int, 
         return peak, at, live
 
     peak, at, _ = replay()
-    generated = ("torchinductor", os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "torchinductor")  # its code's folder
+    generated = {"torchinductor", os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "torchinductor"}  # its code's folder
     held: dict[str, int] = {}
     for e in replay(at + 1)[2].values():
         frames = e.get("frames") or []

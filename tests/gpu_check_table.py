@@ -101,11 +101,11 @@ def table(text: str) -> str:
     mem, holders = fields(out.get("bench_train", []), "bench_memory"), \
         [l for l in out.get("bench_train", []) if l.startswith("bench_memory_top ")]
     no_mem = "not run (CUDA only)" if mem and "not_run" in mem else why("bench_train")
+    mem = mem if mem and "not_run" not in mem else None  # measured, or the rows say why not
     rows.append(ours_only("memory held between steps (MiB): all (weights, optimizer state, EMA)",
                           f"{mem['between_steps_mib']} ({mem['weights_mib']}, {mem['optimizer_state_mib']}, "
-                          f"{mem['ema_mib']})" if mem and "not_run" not in mem else no_mem))
-    rows.append(ours_only("memory at one step's peak (MiB)", mem["step_peak_mib"] if mem and "not_run" not in mem
-                          else no_mem))
+                          f"{mem['ema_mib']})" if mem else no_mem))
+    rows.append(ours_only("memory at one step's peak (MiB)", mem["step_peak_mib"] if mem else no_mem))
     for i in range(HOLDERS):  # the place comes last: it holds spaces
         cell = (f"{fields([holders[i]], 'bench_memory_top')['mib']} MiB: {holders[i].split(' where:', 1)[1]}"
                 if i < len(holders) else "—" if holders else no_mem)
