@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ----------------------------------------------------------------------------------------------
 # Config: one frozen dataclass, built only by from_env()
@@ -151,6 +152,8 @@ class Hyperparameters:
     device: str = knob("auto", "compute device", choices=("auto", "cpu", "cuda"))
     compile: str = knob("auto", "torch.compile the model (auto = on CUDA)", choices=("auto", "0", "1"))
     compile_cache_dir: str = knob("", "torch.compile's code cache for later runs (default RUNS_DIR/compile_cache)")
+    sdpa_backend: str = knob("auto", "attention kernel: torch's choice, flash (the published run's) or cuDNN's first "
+                             "(others measured it faster on Hopper)", choices=("auto", "flash", "cudnn"))
     autocast: str = knob("auto", "bf16 autocast of every forward (auto = on CUDA; off = float32/TF32)",
                          choices=("auto", "bf16", "off"))
     submission_author: str = knob("", "author field of submission.json")
@@ -182,13 +185,8 @@ class Hyperparameters:
         for name, f in [(n, f) for n, f in names.items() if n in env]:
             raw, typ = env[name].strip(), type(f.default)
             try:
-                if typ is bool:
-                    if raw.lower() not in ("0", "1", "true", "false"):
-                        raise ValueError
-                    val = raw.lower() in ("1", "true")
-                else:
-                    val = typ(raw)
-            except ValueError:
+                val = {"0": False, "1": True, "false": False, "true": True}[raw.lower()] if typ is bool else typ(raw)
+            except (KeyError, ValueError):
                 raise UserError(f"{name}={env[name]!r} is not a valid {typ.__name__}") from None
             lo, choices = f.metadata["lo"], f.metadata["choices"]
             if (lo is not None and val < lo) or (typ is float and not math.isfinite(val)):
@@ -200,6 +198,7 @@ class Hyperparameters:
             kwargs.setdefault("warmup_steps", 0)
             kwargs.setdefault("warmdown_shape", "linear")
             kwargs.setdefault("prime_steps", 20)  # its priming leaves a trace there: the kept scale gradient
+            kwargs.setdefault("sdpa_backend", "flash")  # its attention kernel (it turns the others off)
         hp = cls(**kwargs)
         hp.check()
         return hp
@@ -724,6 +723,7 @@ class Runtime:
     compiled: object = None
     compile: bool = False
     bf16: bool = False
+    sdpa: str = "auto"
     run_dir: Path | None = None
     log_file: object = None
 
@@ -731,8 +731,13 @@ class Runtime:
     def main(self) -> bool:
         return self.rank == 0
 
-    def autocast(self):  # AUTOCAST: the one place that sets the precision of forwards (training, scoring, TTT)
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def autocast(self):  # the one place that sets how forwards (training, scoring, TTT) run: AUTOCAST, SDPA_BACKEND
+        cudnn = [SDPBackend.CUDNN_ATTENTION] if self.sdpa == "cudnn" else []  # cuDNN's kernel first, or (flash) off
+        order = cudnn + [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16), \
+                (sdpa_kernel(order, set_priority=True) if self.sdpa != "auto" else contextlib.nullcontext()):
+            yield
 
     def log(self, msg: str) -> None:
         if self.main:
@@ -817,7 +822,6 @@ class Trainer:
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
         self.votes = torch.zeros((), device=rt.device)  # > 0 once any rank got a stop signal
 
-    # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
         cpu = lambda t: t.detach().to("cpu", copy=True)  # off the GPU: the priming snapshot adds nothing to the peak
         st = {"model": {k: cpu(v) for k, v in self.model.state_dict().items()},
@@ -844,7 +848,6 @@ class Trainer:
         if "cuda_rng" in st and self.rt.device.type == "cuda":
             torch.cuda.set_rng_state(st["cuda_rng"])
 
-    # -- one optimizer step --------------------------------------------------------------------
     def next_batch(self) -> list[tuple[Tensor, Tensor]]:
         """One contiguous span per step: world*accum pieces of micro*T+1 tokens; rank r takes r, r+W, ..."""
         T, n = self.hp.train_seq_len, self.micro * self.hp.train_seq_len + 1
@@ -879,12 +882,10 @@ class Trainer:
         for p in self.params:  # also the frozen role's grads (no stale norm in the next clip), unless kept
             if all(p is not k for k in self.kept):
                 p.grad = None
-        if self.ema is not None:
-            with torch.no_grad():
-                cur = [v.float() for v in self.model.state_dict().values()]
-                ema = list(self.ema.values())
-                torch._foreach_mul_(ema, hp.ema_decay)
-                torch._foreach_add_(ema, cur, alpha=1 - hp.ema_decay)
+        if self.ema is not None:  # state_dict() holds detached tensors: no autograd here
+            cur, ema = [v.float() for v in self.model.state_dict().values()], list(self.ema.values())
+            torch._foreach_mul_(ema, hp.ema_decay)
+            torch._foreach_add_(ema, cur, alpha=1 - hp.ema_decay)
         if self.rt.world > 1:  # the stop votes ride along: agreed without a collective of their own
             dist.all_reduce(total)
             total /= self.rt.world
@@ -918,7 +919,6 @@ class Trainer:
         dtypes = {k: v.dtype for k, v in self.model.state_dict().items()}
         load_weights(self.model, {k: v.to(dtypes[k]) for k, v in self.ema.items()}, "EMA weights")
 
-    # -- checkpoints -----------------------------------------------------------------------------
     def checkpoint_dir(self) -> Path:
         return Path(self.hp.checkpoint_dir) if self.hp.checkpoint_dir else self.rt.run_dir / "checkpoints"
 
@@ -953,7 +953,6 @@ class Trainer:
             return
         self.rt.log(f"resume: no valid checkpoint in {d}, starting from step 0")
 
-    # -- the loop --------------------------------------------------------------------------------
     def stop_agreed(self, now: bool = False) -> bool:
         """Stop after this step? One process: once it got a signal. Several: once the votes summed by the loss's
         all-reduce say so, read (a host sync) at the same steps on all ranks, so that all stop after the same step.
@@ -1070,10 +1069,9 @@ def is_int6(name: str, t: Tensor, quant_embed: bool) -> bool:
     return big and (quant_embed or name != "tok_emb.weight")
 
 
-# GPTQ (QUANT_METHOD=gptq): the same grid, better codes. Columns are rounded one at a time (largest Hessian
-# diagonal first) and each one's error is pushed onto the columns not yet rounded, weighted by the layer's input
-# Hessian H = sum x x^T from training tokens. The tied tok_emb uses the head's input (on a 3.4 M model: quant gap
-# +0.0045 bpb with it, +0.0100 without, lite +0.0117); tables only looked up (BigramHash, value embeddings): nearest.
+# GPTQ (QUANT_METHOD=gptq): the same grid, better codes. Columns are rounded one at a time (largest Hessian diagonal
+# first), each one's error pushed onto the columns not yet rounded, weighted by the layer's input Hessian H = sum x x^T
+# from training tokens. The tied tok_emb uses the head's input; tables only looked up (BigramHash, VE): nearest.
 def calibration_batches(hp: Hyperparameters, rt: Runtime, train_files: list[str]) -> list[tuple[Tensor, Tensor]]:
     """GPTQ_CALIB_SEQS windows of TRAIN_SEQ_LEN from the start of the training stream (never validation tokens);
     rank r takes windows r, r+W, ... in micro-batches."""
@@ -1196,10 +1194,9 @@ def serialize_artifact(obj: dict) -> bytes:
     return min(outs, key=len)
 
 
-# Rate-targeted quantization (QUANT_TARGET_BYTES): spend the bytes under the cap where the loss is most
-# sensitive. Same file layout; each tensor gets one int6 step (in units of its RMS) or stays fp16 (a
-# passthrough entry, step 0.0), chosen by a Lagrangian trade of predicted loss 0.5*sum(F*err^2) (F =
-# diagonal Fisher from training batches) against bytes. Steps above 1x RMS: the prediction fails there.
+# Rate-targeted quantization (QUANT_TARGET_BYTES): spend the bytes under the cap where the loss is most sensitive. Each
+# tensor gets one int6 step (in units of its RMS) or stays fp16 (passthrough, step 0.0), by a Lagrangian trade of the
+# predicted loss 0.5*sum(F*err^2) (F: diagonal Fisher) against bytes. Steps above 1x RMS: the prediction fails there.
 RATE_STEPS = (0.0,) + tuple(2.0 ** (k / 4) for k in range(-20, 1))
 
 
@@ -1241,11 +1238,9 @@ def rate_grid(w: Tensor, step) -> tuple[Tensor, Tensor]:
 def quantize_to_budget(sd: dict[str, Tensor], budget: int, sens: dict[str, Tensor] | None, quant_embed: bool,
                        log=print, gptq: dict | None = None) -> tuple[dict, dict]:
     """The artifact object whose compressed size is <= budget (within ~1% below) with the least predicted loss.
-    Each tensor takes the step minimising D + lam*bytes (bytes estimated from code histograms), lam bisected
-    to the target, then one tensor moves a fraction of its rows one step finer for the rest; the real
-    compressor corrects the estimate, whose error varies with the grids: between the two tries nearest around
-    the goal it interpolates, else it shifts by the last miss (usually 2 calls, at most 5). With gptq, GPTQ
-    picks the codes on each chosen grid (computed once per grid) and the compressor measures those."""
+    Each tensor takes the step minimising D + lam*bytes (bytes estimated from code histograms), lam bisected to the
+    target, then one tensor moves a fraction of its rows one step finer for the rest; the real compressor corrects
+    the estimate (interpolating between tries, at most 5). With gptq, GPTQ picks the codes on each chosen grid."""
     t0 = time.perf_counter()
     big = [k for k, t in sd.items() if is_int6(k, t, quant_embed)]
     W = {k: sd[k].detach().cpu().float() for k in big}
@@ -1551,7 +1546,7 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
                                 **({"device_id": device} if kind == "cuda" else {}))
     use_compile = hp.compile == "1" or (hp.compile == "auto" and kind == "cuda")
     use_bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and kind == "cuda")
-    return Runtime(rank=rank, world=world, device=device, compile=use_compile, bf16=use_bf16)
+    return Runtime(rank=rank, world=world, device=device, compile=use_compile, bf16=use_bf16, sdpa=hp.sdpa_backend)
 
 
 def open_run_dir(hp: Hyperparameters, rt: Runtime) -> Hyperparameters:
@@ -1578,8 +1573,12 @@ def log_header(hp: Hyperparameters, rt: Runtime) -> None:
     dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu
     rt.log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
            f"cuda:{torch.version.cuda} flash_attn3:{'eager_on_hopper' if _fa3 else 'absent'}")
+    dt, heads = torch.bfloat16 if rt.bf16 else torch.float32, (hp.num_heads, hp.num_kv_heads)
+    q, k = (torch.zeros(1, h, hp.train_seq_len, hp.head_dim, dtype=dt, device=rt.device) for h in heads)
+    with rt.autocast():  # the SDPA kernel that this run's attention gets (its device, dtype, shapes), as torch picks
+        kernel = SDPBackend(torch._fused_sdp_choice(q, k, k, is_causal=True, enable_gqa=q.size(1) != k.size(1))).name
     rt.log(f"device:{rt.device.type} name:{dev} world_size:{rt.world} cpu_threads:{torch.get_num_threads()} "
-           f"autocast:{'bf16' if rt.bf16 else 'off'}")
+           f"autocast:{'bf16' if rt.bf16 else 'off'} attention:{kernel.lower()} sdpa_backend:{rt.sdpa}")
 
 
 def final_evaluation(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tables, standard=None) -> dict:
@@ -1647,7 +1646,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         trainer = Trainer(hp, rt, model, stream)
         if hp.compat_pr644:
             rt.log("compat_pr644:1 changes:bigram_scale_grad_never_cleared,bf16_initial_values,tok_emb_bf16,"
-                   "muon_update_bf16,no_lr_warmup,linear_warmdown")
+                   "muon_update_bf16,no_lr_warmup,linear_warmdown,sdpa_flash")
         if hp.resume:
             trainer.resume()
         if trainer.step == 0:

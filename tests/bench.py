@@ -154,6 +154,7 @@ def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
             synthetic_shards(tmp, hp.train_batch_tokens * 4 + 1, 4096, hp.vocab_size)
             hp = tg.dataclasses.replace(hp, data_path=tmp)
         rt = tg.setup_runtime(hp)
+        tg.log_header(hp, rt)  # the knobs, versions and the attention kernel torch picks (its `device:` line)
         torch.manual_seed(hp.seed)
         model = tg.GPT(hp).to(rt.device)
         use_compile = compile_like_a_run(rt, model)

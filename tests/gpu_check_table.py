@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 
-STEPS = ("bench_train", "bench_peer", "bench_ttt", "pipeline", "eval_only")
+STEPS = ("bench_train", "bench_peer", "bench_ttt", "pipeline", "eval_only", "bench_train_alt")
 TOP = 20  # kernels of the profile
 HOLDERS = 8  # places that hold the peak memory
 
@@ -71,10 +71,21 @@ def table(text: str) -> str:
             ("training tokens/s", "bench_train", "tok_s", "bench_peer", "tok_s", "bench_train"),
             ("training peak memory (MiB)", "bench_train", "peak_mem_mib", "bench_peer", "peak_mem_mib", "bench_train"),
             ("compile + priming (s)", "bench_train_primed", "compile_and_priming_s", "bench_peer",
-             "compile_and_priming_s", "bench_train"),
-            ("TTT s/chunk, 10 epochs (ours steady; published eager, warm-up included)", "bench_ttt_extrapolation",
-             "ours_s_per_chunk", "bench_peer_ttt", "s_per_chunk", "bench_ttt")):
+             "compile_and_priming_s", "bench_train")):
         rows.append(compared(label, step, value(step, prefix, key), value("bench_peer", peer_prefix, peer_key)))
+    for step, label in (("bench_train", "attention kernel (SDPA_BACKEND)"),
+                        ("bench_train_alt", "other attention kernel (SDPA_BACKEND)")):
+        dev = [dict(re.findall(r"(\w+):(\S+)", l)) for l in out.get(step, []) if l.startswith("device:")]
+        dev = dev[-1] if dev and "attention" in dev[-1] else None
+        rows.append(ours_only(label, f"{dev['attention']} ({dev['sdpa_backend']})" if dev else why(step)))
+    alt, base = fields(out.get("bench_train_alt", []), "bench_train"), fields(out.get("bench_train", []), "bench_train")
+    speed = f" ({float(alt['tok_s']) / float(base['tok_s']):.2f}x step 1's tokens/s)" if alt and base else ""
+    rows.append(ours_only("other attention kernel: step ms, tokens/s, peak memory (MiB)",
+                          f"{alt['step_ms']}, {alt['tok_s']}{speed}, {alt['peak_mem_mib']}" if alt
+                          else why("bench_train_alt")))
+    rows.append(compared("TTT s/chunk, 10 epochs (ours steady; published eager, warm-up included)", "bench_ttt",
+                         value("bench_ttt", "bench_ttt_extrapolation", "ours_s_per_chunk"),
+                         value("bench_peer", "bench_peer_ttt", "s_per_chunk")))
     for label, key in (("TTT s/chunk, straightforward reference (eager)", "straightforward_s_per_chunk"),
                        ("TTT full split (1,893 chunks), 1 GPU (s)", "full_split_s_1gpu"),
                        ("TTT full split, 8 GPUs (s, lower bound)", "full_split_s_8gpu")):

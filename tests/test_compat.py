@@ -66,6 +66,14 @@ def test_priming_count_is_the_published_one_only_where_it_leaves_a_trace():
     assert tg.Hyperparameters.from_env({"COMPAT_PR644": "1", "PRIME_STEPS": "5"}).prime_steps == 5
 
 
+def test_attention_kernel_is_the_published_flash():
+    """The published script turns every SDPA kernel but flash off; COMPAT_PR644=1 does the same (cuDNN's kernel out,
+    torch's fallbacks kept for float32), unless SDPA_BACKEND says otherwise."""
+    assert tg.Hyperparameters.from_env({}).sdpa_backend == "auto"
+    assert tg.Hyperparameters.from_env({"COMPAT_PR644": "1"}).sdpa_backend == "flash"
+    assert tg.Hyperparameters.from_env({"COMPAT_PR644": "1", "SDPA_BACKEND": "cudnn"}).sdpa_backend == "cudnn"
+
+
 # ----------------------------------------------------------------------------------------------
 # b. master weights as the published script holds them; c. the bf16 Muon update buffer
 # ----------------------------------------------------------------------------------------------

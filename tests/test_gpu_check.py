@@ -16,7 +16,9 @@ TINY_CHECK = dict(TINY, NUM_LAYERS="2", VE_LAYERS="1", XSA_LAYERS="1", TTT_FREEZ
                   MICRO_BATCH_SEQS="4", VAL_MAX_TOKENS="3000", COMPILE="0", ITERATIONS="2", WARMDOWN_ITERS="1",
                   PRIME_STEPS="1", BENCH_STEPS="1", RUN_PRIME_STEPS="0", BENCH_TTT_EPOCHS="1", TTT_EPOCHS="1")
 LABELS = ["step bench_train", "step bench_peer", "step bench_ttt", "step pipeline", "step eval_only",
-          "training step (ms)", "training tokens/s", "training peak memory (MiB)", "compile + priming (s)",
+          "step bench_train_alt", "training step (ms)", "training tokens/s", "training peak memory (MiB)",
+          "compile + priming (s)", "attention kernel (SDPA_BACKEND)", "other attention kernel (SDPA_BACKEND)",
+          "other attention kernel: step ms, tokens/s, peak memory (MiB)",
           "TTT s/chunk, 10 epochs (ours steady; published eager, warm-up included)",
           "TTT s/chunk, straightforward reference (eager)", "TTT full split (1,893 chunks), 1 GPU (s)",
           "TTT full split, 8 GPUs (s, lower bound)", "TTT val_bpb ours / reference",
@@ -50,7 +52,8 @@ def test_rehearsal_runs_every_step_in_order_and_ends_with_the_full_table(tmp_pat
     log = (tmp_path / "gpu_check.log").read_text()
     assert re.findall(r"^gpu_check:(\w+) start:", log, re.M) == list(gpu_check_table.STEPS)
     rcs = dict(re.findall(r"^gpu_check:(\w+) rc:(\d+)", log, re.M))
-    assert rcs == {"bench_train": "0", "bench_peer": "0", "bench_ttt": "124", "pipeline": "0", "eval_only": "0"}
+    assert rcs == {"bench_train": "0", "bench_peer": "0", "bench_ttt": "124", "pipeline": "0", "eval_only": "0",
+                   "bench_train_alt": "0"}
     table = (tmp_path / "gpu_check_table.md").read_text()
     assert table.strip() in r.stdout
     rows = rows_of(table)
@@ -65,13 +68,20 @@ def test_rehearsal_runs_every_step_in_order_and_ends_with_the_full_table(tmp_pat
     assert rows["EVAL_ONLY of its artifact: val_bpb, eval time"][1].startswith(final + ", ")
     assert rows["pipeline (train, artifact, TTT): graphs / graph breaks"][1] == "not compiled"
     assert rows["memory at one step's peak (MiB)"][1] == rows["peak holder 1"][1] == "not run (CUDA only)"
+    # step 1 ran torch's choice (the CPU's flash kernel), so step 6 asked for cuDNN's first: the CPU has no such kernel
+    assert rows["attention kernel (SDPA_BACKEND)"][1] == "flash_attention (auto)"
+    assert rows["other attention kernel (SDPA_BACKEND)"][1] == "flash_attention (cudnn)"
+    assert re.fullmatch(r"[\d.]+, \d+ \([\d.]+x step 1's tokens/s\), nan",
+                        rows["other attention kernel: step ms, tokens/s, peak memory (MiB)"][1])
 
 
 def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
     """The lines a GPU run prints (as tests/bench.py and train_gpt.py write them): ratios ours / published, the
     graph count and cache hits, and a failed step's rows naming its exit status."""
     log = "\n".join([
-        "gpu_check:bench_train start:10:00:00 limit:110s", "bench_train_primed compile_and_priming_s:70.0",
+        "gpu_check:bench_train start:10:00:00 limit:110s", "config:SDPA_BACKEND=auto",
+        "device:cuda name:NVIDIA H100 80GB HBM3 world_size:1 cpu_threads:16 autocast:bf16 attention:cudnn_attention "
+        "sdpa_backend:auto", "bench_train_primed compile_and_priming_s:70.0",
         "bench_train machine:x step_ms:600.0 tok_s:1310720 peak_mem_mib:40000",
         "bench_profile_top rank:1 share:20.0% ms:120.00 calls:88 name:triton_per_fused_a b",
         "bench_memory between_steps_mib:520 weights_mib:103 optimizer_state_mib:310 ema_mib:103 step_peak_mib:26000 "
@@ -84,7 +94,10 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
         "gpu_check:pipeline start:10:03:30 limit:100s", "compile_cache: dir:/x warm:0",
         "compile: graphs:9 graph_breaks:0",
         "final_int6_zstd-22_roundtrip val_loss:4.0 val_bpb:2.5 eval:9000ms", "gpu_check:pipeline rc:0 secs:95",
-        "gpu_check:eval_only skipped:budget_spent"])
+        "gpu_check:eval_only skipped:budget_spent",
+        "gpu_check:bench_train_alt start:10:05:10 limit:100s", "device:cuda name:NVIDIA H100 80GB HBM3 world_size:1 "
+        "cpu_threads:16 autocast:bf16 attention:flash_attention sdpa_backend:flash",
+        "bench_train machine:x step_ms:750.0 tok_s:1048576 peak_mem_mib:39000", "gpu_check:bench_train_alt rc:0 secs:80"])
     rows = rows_of(gpu_check_table.table(log))
     assert rows["training tokens/s"][1:] == ["1310720", "1048576", "1.25"]
     assert rows["training step (ms)"][3] == "0.80" and rows["training peak memory (MiB)"][3] == "1.67"
@@ -93,12 +106,16 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
     assert rows["TTT val_bpb ours / reference"][1] == "failed (rc 1) after 20 s"
     assert rows["pipeline (train, artifact, TTT): graphs / graph breaks"][1] == "9 / 0"
     assert rows["pipeline (train, artifact, TTT): val_bpb, eval time"][1] == "2.5, 9000ms"
-    assert rows["step eval_only"][1] == rows[LABELS[18]][1] == "skipped (budget spent)"
+    assert rows["step eval_only"][1] == rows["EVAL_ONLY compile cache: warm at start; FX graph hits/misses"][1] == "skipped (budget spent)"
     assert rows["kernel 1"][1] == "20.0% of the step, 120.00 ms: triton_per_fused_a b" and rows["kernel 2"][1] == "—"
     assert rows["memory held between steps (MiB): all (weights, optimizer state, EMA)"][1] == "520 (103, 310, 103)"
     assert rows["memory at one step's peak (MiB)"][1] == "26000"
     assert rows["peak holder 1"][1] == "24000 MiB: train_gpt.py:866 train_step via compiled code"
     assert rows["peak holder 2"][1] == "—"
+    assert rows["attention kernel (SDPA_BACKEND)"][1] == "cudnn_attention (auto)"
+    assert rows["other attention kernel (SDPA_BACKEND)"][1] == "flash_attention (flash)"
+    assert rows["other attention kernel: step ms, tokens/s, peak memory (MiB)"][1] == \
+        "750.0, 1048576 (0.80x step 1's tokens/s), 39000"
 
 
 FAKE_PEER = '''import json, os

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import TINY, final_line, run_script, tg, tiny_hp, tiny_model
 
@@ -48,6 +49,35 @@ def test_bf16_autocast_on_the_cpu_runs_matmuls_in_bf16_and_keeps_the_loss_in_flo
         seed_style = model(x, x)
     assert seed_style.dtype == torch.float32
     torch.testing.assert_close(seed_style, loss.detach(), atol=0.05, rtol=0.02)
+
+
+def test_sdpa_backend_orders_the_attention_kernels_inside_every_forward_only(capsys):
+    """SDPA_BACKEND acts inside Runtime.autocast, the context of every forward (training, scoring, TTT), and nowhere
+    else: flash leaves cuDNN's kernel out (the published run's setting), cudnn tries it first, auto leaves torch's
+    order; where the same kernel runs (the CPU's flash here) the forward is bit-equal to one outside any context
+    (float32 stays float32). The log's device line names the kernel torch picks for the run's shapes and dtype: its
+    choice, not an echo of the knob."""
+    outside = (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order())
+    x = torch.randint(0, 1024, (2, 128), generator=torch.Generator().manual_seed(0))
+    model, inside, losses = tiny_model(seed=1), {}, {}
+    for knob in ("auto", "flash", "cudnn"):
+        hp = tiny_hp(sdpa_backend=knob, device="cpu")
+        rt = tg.setup_runtime(hp)
+        with torch.no_grad(), rt.autocast():
+            inside[knob] = (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()[0])
+            losses[knob] = model(x, x)
+        assert (torch.backends.cuda.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order()) == outside
+        tg.log_header(hp, rt)
+        assert f" attention:flash_attention sdpa_backend:{knob}\n" in capsys.readouterr().out
+    assert inside == {"auto": (outside[0], outside[1][0]), "flash": (False, int(SDPBackend.FLASH_ATTENTION)),
+                      "cudnn": (True, int(SDPBackend.CUDNN_ATTENTION))}
+    with torch.no_grad():
+        plain = model(x, x)  # no context at all: AUTOCAST=off is float32 whatever the kernel order
+    assert all(torch.equal(loss, plain) for loss in losses.values())
+    hp = tiny_hp(device="cpu")
+    with sdpa_kernel(SDPBackend.MATH):  # under SDPA_BACKEND=auto the only kernel left: the line must say so
+        tg.log_header(hp, tg.setup_runtime(hp))
+    assert " attention:math sdpa_backend:auto\n" in capsys.readouterr().out
 
 
 COMPILE_LINE = re.compile(r"^compile: graphs:(\d+) graph_breaks:(\d+)$", re.M)
