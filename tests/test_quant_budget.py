@@ -91,13 +91,16 @@ def test_byte_target_never_over_and_within_one_percent(trained, mult):
     assert 0.99 * budget <= n <= budget, (n, budget)
 
 
-def test_byte_target_holds_with_gptq_codes(trained):
+@pytest.mark.parametrize("mult", [1.02, 1.05])
+def test_byte_target_holds_with_gptq_codes(trained, mult):
     """QUANT_METHOD=gptq: GPTQ picks the codes on each chosen grid, and the bytes the controller measured are those
-    of the artifact it returns (GPTQ codes compress differently from nearest rounding's), within the band."""
+    of the artifact it returns (GPTQ codes compress differently from nearest rounding's), within the band. At 1.02x
+    the controller's tries move a tensor's finer rows while keeping its step: codes cached by grid must not be
+    reused across them (a cache keyed without the finer rows leaves codes of another grid in the artifact)."""
     model, sd = trained["model"], trained["sd"]
     tg.load_weights(model, sd, "test")
     gptq = {"H": tg.collect_hessians(model, trained["sens_batches"], tg.Runtime()), "damp": 0.01}
-    budget = int(trained["seed_bytes"] * 1.05)
+    budget = int(trained["seed_bytes"] * mult)
     obj, stats = quantize_to_budget(sd, budget, trained["sens"], True, lambda s: None, gptq)
     assert len(tg.serialize_artifact(obj)) == stats["bytes"] == len(stats["blob"])
     assert 0.99 * budget <= stats["bytes"] <= budget, (stats["bytes"], budget)
