@@ -1733,10 +1733,11 @@ def write_submission(hp: Hyperparameters, rt: Runtime, r: dict) -> None:
     rt.log(f"submission:{rt.run_dir / 'submission.json'}")
 
 
-def report_stop(rt: Runtime | None, signum: int, line: str | None) -> int:
+def report_stop(rt: Runtime | None, signum: int, line: str | None, checkpoint_dir: str = "") -> int:
     """The stop line (outside the training loop: what was interrupted, what is safe on disk); 128 + signum."""
     if line is None:
-        kept = sorted(p for p in rt.run_dir.rglob("*") if p.suffix in (".pt", ".ptz")) if rt and rt.run_dir else []
+        dirs = [d for d in (rt and rt.run_dir, checkpoint_dir and Path(checkpoint_dir)) if d]
+        kept = sorted({p for d in dirs for p in d.rglob("*") if p.suffix in (".pt", ".ptz")})
         line = (f"stopped: {signal.Signals(signum).name} during {STOP.phase}; safe on disk: "
                 f"{', '.join(map(str, kept)) or 'nothing of this run'}")
     (rt or Runtime(rank=int(os.environ.get("RANK", "0")))).log(line)
@@ -1744,9 +1745,8 @@ def report_stop(rt: Runtime | None, signum: int, line: str | None) -> int:
 
 
 def reports_error(rank: int) -> bool:
-    """Under torchrun every rank may hit the same error: rank 0 claims the report at once, others after a grace period
-    (torchrun stops them when rank 0 exits), so one rank's own error still shows; the first claim in torchrun's store
-    reports, the others stay silent."""
+    """One report per error under torchrun: the first claim in its store reports. Rank 0 claims at once, the others
+    after a grace period (torchrun stops them when rank 0 exits), so a rank's own error still shows."""
     time.sleep(3.0 if rank else 0.0)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # not under torchrun: nobody else to ask
         return True
@@ -1763,7 +1763,7 @@ def main() -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head` ends quietly
         print(help_text())
         return 0
-    rt = None
+    rt = hp = None
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, STOP)
     try:
@@ -1771,10 +1771,10 @@ def main() -> int:
         rt = setup_runtime(hp)
         return run(hp, rt)
     except Stopped as e:
-        return report_stop(rt, *e.args)
+        return report_stop(rt, *e.args, hp.checkpoint_dir if hp else "")
     except Exception as e:  # a UserError is one line, anything else its traceback; under torchrun once, not per rank
         if STOP.signum:  # e.g. a collective broken by a peer that stopped first
-            return report_stop(rt, STOP.signum, None)
+            return report_stop(rt, STOP.signum, None, hp.checkpoint_dir if hp else "")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here torchrun's SIGTERM ends a waiting rank quietly
         rank = int(os.environ.get("RANK", "0"))
         if not reports_error(rank):

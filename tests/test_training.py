@@ -531,18 +531,21 @@ def test_stop_signal_checkpoints_at_a_step_boundary_and_resume_equals_uninterrup
 
 
 def test_stop_signal_during_final_evaluation_keeps_the_artifact(run_a, runs):
-    """Resumed at its last step from run A's checkpoints, a run goes straight to the artifact and its final (TTT)
-    evaluation; SIGTERM there ends it with one line naming the artifact, exit 143; the artifact is run A's, whole."""
+    """Resumed at its last step from run A's checkpoints (in a CHECKPOINT_DIR outside the run folder), a run goes
+    straight to the artifact and its final (TTT) evaluation; SIGTERM there ends it with one line naming the artifact
+    and the checkpoints, exit 143; the artifact is run A's, whole."""
     a_dir, _ = run_a
-    copy_checkpoints(a_dir, runs / "fe")
-    env = {**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "fe", "RESUME": "1", "TTT_ENABLED": "1", "EVAL_STRIDE": "32"}
+    ckpts = copy_checkpoints(a_dir, runs / "fe_elsewhere")
+    env = {**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "fe", "RESUME": "1", "TTT_ENABLED": "1", "EVAL_STRIDE": "32",
+           "CHECKPOINT_DIR": str(ckpts)}
     r, = run_signalled([train_gpt_job(env, "final_eval_mode:ttt", signal.SIGTERM)])
     assert r.returncode == 143 and "Traceback" not in r.stdout, r.stdout[-3000:]
     artifact = runs / "fe" / "final_model.int6.ptz"
     lines = [l for l in r.stdout.splitlines() if l.startswith("stopped:")]
-    assert len(lines) == 1 and lines[0].startswith("stopped: SIGTERM during final evaluation; safe on disk: ") and \
-        str(artifact) in lines[0].split("; safe on disk: ")[1].split(", "), r.stdout[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("stopped: SIGTERM during final evaluation; safe on disk: "), \
+        r.stdout[-3000:]
+    assert sorted(lines[0].split("; safe on disk: ")[1].split(", ")) == \
+        sorted(map(str, [artifact, runs / "fe" / "final_model.pt", *ckpt_files(ckpts)])), lines[0]
     assert "final_int6_zstd-22_roundtrip_exact" not in r.stdout
     assert artifact.read_bytes() == (a_dir / "final_model.int6.ptz").read_bytes()
-    assert sorted(p.name for p in (runs / "fe").iterdir()) == ["checkpoints", "final_model.int6.ptz",
-                                                                "final_model.pt", "train.log"]
+    assert sorted(p.name for p in (runs / "fe").iterdir()) == ["final_model.int6.ptz", "final_model.pt", "train.log"]
