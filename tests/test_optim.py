@@ -5,13 +5,16 @@ from __future__ import annotations
 import copy
 import math
 import re
+import subprocess
+import sys
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SAMPLE, tg, tiny_hp, tiny_model
+from conftest import ROOT, SAMPLE, clean_env, tg, tiny_hp, tiny_model
 
 
 def orth_spectrum(rows: int, cols: int, lo: float, g: torch.Generator):
@@ -219,6 +222,72 @@ def test_batched_muon_equals_the_per_matrix_path(dtype):
     for i in range(len(shapes)):
         assert torch.equal(pb[i].detach(), pr[i].detach()) and torch.equal(bb[i], br[i]), i
         assert not torch.equal(pb[i].detach(), init[i])
+
+
+MUON_RANK_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import train_gpt as tg
+
+def no_all_reduce(*args, **kwargs):
+    raise AssertionError("Muon all-reduced its updates")
+
+dist.init_process_group("gloo")
+data, out, calls, sent = torch.load(sys.argv[2]), {}, [], []
+gather = dist.all_gather_into_tensor
+dist.all_gather_into_tensor = lambda every, mine: sent.append(mine.numel()) or gather(every, mine)
+dist.all_reduce = no_all_reduce
+for dtype in (torch.float32, torch.bfloat16):
+    params = [torch.nn.Parameter(w.clone()) for w in data["init"]]
+    ns = lambda G, steps: calls.append((str(dtype), tuple(G.shape))) or tg.newton_schulz(G, steps)
+    opt = tg.Muon([dict(params=params[:4], lr=0.05), dict(params=params[4:], lr=0.02, momentum=0.8)],
+                  momentum=0.95, steps=5, wd=0.1, ns=ns, update_dtype=dtype)
+    for grads in data["grads"]:
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        opt.step()
+    out[str(dtype)] = [(p.detach(), opt.state[p]["momentum_buffer"]) for p in params]
+torch.save({"out": out, "calls": calls, "sent": sent}, f"{sys.argv[3]}/rank{dist.get_rank()}.pt")
+dist.barrier()
+"""
+
+
+def test_muon_on_3_processes_equals_one_and_gathers_each_share_once(tmp_path):
+    """3 gloo ranks, 9 matrices of 3 shapes in two groups, 3 steps, fp32 and bf16 update buffers: every rank ends
+    with the weights and momentum buffers of the one-process per-matrix path, bit for bit. Each matrix is
+    orthogonalised on one rank only (every 3rd of the shape-sorted list), and the updates travel by one
+    all-gather per step (no all-reduce) of a share at most one matrix longer than an even third."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [(48, 16), (24, 24), (48, 16), (16, 40), (24, 24), (48, 16), (48, 16), (16, 40), (48, 16)]
+    data = {"init": [torch.randn(*s, generator=g) for s in shapes],
+            "grads": [[torch.randn(*s, generator=g) for s in shapes] for _ in range(3)]}
+    torch.save(data, tmp_path / "data.pt")
+    (tmp_path / "rank.py").write_text(MUON_RANK_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                        str(tmp_path / "rank.py"), str(ROOT), str(tmp_path / "data.pt"), str(tmp_path)],
+                       env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in range(3)]
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [torch.nn.Parameter(w.clone()) for w in data["init"]]
+        opt = tg.Muon([dict(params=params[:4], lr=0.05), dict(params=params[4:], lr=0.02, momentum=0.8)],
+                      momentum=0.95, steps=5, wd=0.1, update_dtype=dtype)
+        for grads in data["grads"]:
+            for p, gr in zip(params, grads):
+                p.grad = gr.clone()
+            torch.no_grad()(per_matrix_muon_step)(opt)
+        for k, rank in enumerate(ranks):
+            for i, ((w, buf), p) in enumerate(zip(rank["out"][str(dtype)], params)):
+                assert torch.equal(w, p.detach()) and torch.equal(buf, opt.state[p]["momentum_buffer"]), (k, i, dtype)
+    order = sorted(shapes, key=lambda s: list(dict.fromkeys(shapes)).index(s))  # shape by shape
+    for k, rank in enumerate(ranks):
+        done = [(tuple(shape), n) for dt, (n, *shape) in rank["calls"] if dt == "torch.float32"]
+        assert sorted(done) == sorted(list(Counter(order[k::3]).items()) * 3), (k, done)  # a call per shape and step
+        total, longest = sum(math.prod(s) for s in shapes), max(math.prod(s) for s in shapes)
+        assert rank["sent"] == [max(sum(math.prod(s) for s in order[j::3]) for j in range(3))] * 6, k
+        assert rank["sent"][0] <= total / 3 + longest
 
 
 # ----------------------------------------------------------------------------------------------
