@@ -1,18 +1,25 @@
 """Activation study (issue 19): the bytes a compiled training forward keeps for its backward, ours against the
-published model, on any machine (no GPU needed).
+published model, on any machine (no GPU needed); with --traffic, the bytes its kernels move instead.
 
-    [knobs in the environment] [PEER_SCRIPT=path/to/the/published/train_gpt.py] python tests/activation_study.py [B]
+    [knobs in the environment] [PEER_SCRIPT=path/to/the/published/train_gpt.py] \
+        python tests/activation_study.py [B] [--traffic]
 
 Both models are traced by torch.compile (dynamo + AOTAutograd) at B sequences of TRAIN_SEQ_LEN under bf16
 autocast, and their joint graphs split by the min-cut partitioner that inductor uses; the forward graph's extra
 outputs are what the backward keeps. Autocast follows CUDA's dtype policy where CPU autocast differs (rms_norm in
 float32). Printed: the total (and scaled to MICRO_BATCH_SEQS) and the largest groups by shape and dtype. It
-compares the graphs, not a GPU's peak: kernels (flash attention) and the allocator differ there. Not a test."""
+compares the graphs, not a GPU's peak: kernels (flash attention) and the allocator differ there. Not a test.
+
+--traffic compiles one forward and backward with inductor (C++ kernels on a CPU: ~4 minutes per model) and sums, per
+graph, the bytes each kernel reads and writes as inductor's scheduler counts them after fusion: the fused pointwise
+and reduction kernels apart from the matmul and attention kernels. A CPU's fusions are not a GPU's (no Triton), so
+this compares the two models' memory traffic, not a GPU's time."""
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+import unittest.mock
 from collections import Counter
 from pathlib import Path
 
@@ -53,6 +60,29 @@ def kept_for_backward(model: torch.nn.Module, loss_of) -> list[torch.Tensor]:
     return kept
 
 
+def kernel_traffic(model: torch.nn.Module, loss_of) -> list[dict[str, float]]:
+    """Per compiled graph (forward, backward): kernel counts and bytes moved, fused kernels apart from extern ones."""
+    import torch._inductor.config as inductor_config
+    graphs = []
+
+    def after_fusion(nodes):
+        g = {"fused": 0, "fused_mib": 0.0, "extern": 0, "extern_mib": 0.0}
+        graphs.append(g)
+        for n in nodes:
+            kind, nbytes = "extern" if n.is_extern() else "fused", n.get_read_write_buffers_sizes()
+            g[kind] += nbytes > 0  # views and no-ops move nothing
+            g[f"{kind}_mib"] += nbytes / 2**20
+        return nodes
+    torch._dynamo.reset()
+    with unittest.mock.patch.object(inductor_config, "_post_fusion_custom_pass", after_fusion), \
+            unittest.mock.patch.object(inductor_config, "fx_graph_cache", False):  # a cache hit would skip the pass
+        compiled = torch.compile(model, dynamic=False, fullgraph=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_of(compiled)
+        loss.backward()
+    return graphs
+
+
 def peer_model(hp: tg.Hyperparameters, script: str) -> torch.nn.Module:
     """The published GPT at our knobs, with its tok_emb in bf16 as its script keeps it."""
     spec = importlib.util.spec_from_file_location("peer_train_gpt", script)
@@ -71,7 +101,8 @@ def peer_model(hp: tg.Hyperparameters, script: str) -> torch.nn.Module:
 
 def main() -> None:
     hp = tg.Hyperparameters.from_env()
-    B, T = int(sys.argv[1]) if len(sys.argv) > 1 else 2, hp.train_seq_len
+    args = [a for a in sys.argv[1:] if a != "--traffic"]
+    B, T = int(args[0]) if args else 2, hp.train_seq_len
     F.rms_norm = rms_norm_as_on_cuda
     torch.manual_seed(hp.seed)
     x, y = (torch.randint(0, hp.vocab_size, (B, T)) for _ in range(2))
@@ -82,6 +113,15 @@ def main() -> None:
     else:
         print("activation_study model:published not_run:PEER_SCRIPT_unset")
     totals = {}
+    if "--traffic" in sys.argv:
+        for name, model, loss_of in models:
+            for graph, g in zip(("forward", "backward"), kernel_traffic(model, loss_of)):
+                totals[name] = totals.get(name, 0.0) + g["fused_mib"]
+                print(f"kernel_traffic model:{name} seqs:{B} seq_len:{T} graph:{graph} fused_kernels:{g['fused']} "
+                      f"fused_mib:{g['fused_mib']:.1f} extern_kernels:{g['extern']} extern_mib:{g['extern_mib']:.1f}")
+        if len(totals) == 2:
+            print(f"kernel_traffic fused_ratio_ours_to_published:{totals['ours'] / totals['published']:.4f}")
+        return
     for name, model, loss_of in models:
         kept = kept_for_backward(model, loss_of)
         nbytes = sum(t.numel() * t.element_size() for t in kept)
