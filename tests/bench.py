@@ -5,7 +5,7 @@ train     training throughput (tokens/s per device), step time and peak memory a
           compilation and priming end. `train --profile`: then the 20 most expensive kernels of one steady
           step (CUDA kernels on a GPU, CPU operators on a CPU), each with its share of the step time;
           `train --memory`: what is held between steps and what holds one step's peak, by the line that
-          allocated it (CUDA only)
+          allocated it (CUDA only). First, before compiling: each attention kernel alone at the run's shapes
 peer      the published script (PEER_SCRIPT=path to it; CUDA only) on the same data and batch: its steady
           step time, tokens/s, peak memory and compile+priming time (without PEER_SCRIPT: "not run")
 ttt       our score-first TTT against a straightforward implementation of the same protocol, same model
@@ -146,6 +146,38 @@ def memory_step(trainer) -> None:
         print(f"bench_memory_top rank:{i} mib:{mib(n)} where:{where}")
 
 
+ATTENTION_KERNELS = ("cudnn_attention", "flash_attention", "efficient_attention")
+
+
+def bench_attention(hp, rt, calls_per_step: int, reps: int = 10) -> None:
+    """Each SDPA kernel alone on one micro-batch at the run's shapes and dtype (train_gpt.attention: (B, T, H, hd)
+    layout, grouped-query heads, causal), forward + backward, eager: ms per call and x calls_per_step (its share
+    of a training step), or why it cannot run here. Seconds, before the model compiles: the attention A/B of a
+    GPU check that runs out of time for the second training bench."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    B, T, hd = hp.micro_batch_seqs * hp.micro_batch_pieces, hp.train_seq_len, hp.head_dim
+    dt, g = torch.bfloat16 if rt.bf16 else torch.float32, torch.Generator(device=rt.device).manual_seed(0)
+    q, k, v = (torch.randn(B, T, h, hd, generator=g, device=rt.device, dtype=dt).requires_grad_()
+               for h in (hp.num_heads, hp.num_kv_heads, hp.num_kv_heads))
+    grad = torch.randn(B, T, hp.num_heads, hd, generator=g, device=rt.device, dtype=dt)
+    for name in ATTENTION_KERNELS:
+        try:
+            with sdpa_kernel([getattr(SDPBackend, name.upper())]):
+                for i in range(reps + 3):  # 3 untimed calls first
+                    if i == 3:
+                        sync()
+                        t0 = time.perf_counter()
+                    tg.attention(q, k, v).backward(grad)
+                sync()
+        except RuntimeError as e:  # no such kernel here (cuDNN's on a CPU), or not for these shapes
+            print(f"bench_attention kernel:{name} supported:0 why:{str(e).splitlines()[0][:100]}", flush=True)
+            continue
+        ms = (time.perf_counter() - t0) / reps * 1000
+        print(f"bench_attention kernel:{name} supported:1 fwd_bwd_ms:{ms:.2f} calls_per_step:{calls_per_step} "
+              f"per_step_ms:{ms * calls_per_step:.1f} seqs:{B} seq_len:{T} dtype:{str(dt).removeprefix('torch.')}",
+              flush=True)
+
+
 def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
     profile = "--profile" in sys.argv
     hp = tg.Hyperparameters.from_env()
@@ -159,6 +191,7 @@ def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
         model = tg.GPT(hp).to(rt.device)
         use_compile = compile_like_a_run(rt, model)
         trainer = tg.Trainer(hp, rt, model, tg.TokenStream(tg.shard_files(hp.data_path, "train")))
+        bench_attention(hp, rt, hp.num_layers * (trainer.accum // trainer.pieces))
         print(f"bench_train_start machine:{machine()} compile:{use_compile} prime_steps:{max(hp.prime_steps, 2)} "
               f"pieces_per_forward:{trainer.pieces}",
               flush=True)

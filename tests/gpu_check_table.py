@@ -12,6 +12,7 @@ import sys
 STEPS = ("bench_train", "bench_peer", "bench_ttt", "pipeline", "eval_only", "bench_train_alt")
 TOP = 20  # kernels of the profile
 HOLDERS = 8  # places that hold the peak memory
+ATTENTION_KERNELS = ("cudnn_attention", "flash_attention", "efficient_attention")  # as tests/bench.py names them
 
 
 def sections(text: str) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -83,6 +84,12 @@ def table(text: str) -> str:
     rows.append(ours_only("other attention kernel: step ms, tokens/s, peak memory (MiB)",
                           f"{alt['step_ms']}, {alt['tok_s']}{speed}, {alt['peak_mem_mib']}" if alt
                           else why("bench_train_alt")))
+    for name in ATTENTION_KERNELS:  # each kernel alone at the run's shapes (bench_train, before compiling)
+        f = [dict(re.findall(r"(\w+):(\S+)", l)) for l in out.get("bench_train", []) if l.startswith("bench_attention ")]
+        f = next((x for x in f if x.get("kernel") == name), None)
+        cell = (f"{f['fwd_bwd_ms']}; {f['per_step_ms']}" if f and f["supported"] == "1" else "not supported here" if f
+                else why("bench_train"))
+        rows.append(ours_only(f"attention alone, {name}: fwd+bwd ms per call; per step", cell))
     rows.append(compared("TTT s/chunk, 10 epochs (ours steady; published eager, warm-up included)", "bench_ttt",
                          value("bench_ttt", "bench_ttt_extrapolation", "ours_s_per_chunk"),
                          value("bench_peer", "bench_peer_ttt", "s_per_chunk")))

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, TINY, clean_env
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -18,7 +20,8 @@ TINY_CHECK = dict(TINY, NUM_LAYERS="2", VE_LAYERS="1", XSA_LAYERS="1", TTT_FREEZ
 LABELS = ["step bench_train", "step bench_peer", "step bench_ttt", "step pipeline", "step eval_only",
           "step bench_train_alt", "training step (ms)", "training tokens/s", "training peak memory (MiB)",
           "compile + priming (s)", "attention kernel (SDPA_BACKEND)", "other attention kernel (SDPA_BACKEND)",
-          "other attention kernel: step ms, tokens/s, peak memory (MiB)",
+          "other attention kernel: step ms, tokens/s, peak memory (MiB)"] + \
+    [f"attention alone, {k}: fwd+bwd ms per call; per step" for k in gpu_check_table.ATTENTION_KERNELS] + [
           "TTT s/chunk, 10 epochs (ours steady; published eager, warm-up included)",
           "TTT s/chunk, straightforward reference (eager)", "TTT full split (1,893 chunks), 1 GPU (s)",
           "TTT full split, 8 GPUs (s, lower bound)", "TTT val_bpb ours / reference",
@@ -73,6 +76,11 @@ def test_rehearsal_runs_every_step_in_order_and_ends_with_the_full_table(tmp_pat
     assert rows["other attention kernel (SDPA_BACKEND)"][1] == "flash_attention (cudnn)"
     assert re.fullmatch(r"[\d.]+, \d+ \([\d.]+x step 1's tokens/s\), nan",
                         rows["other attention kernel: step ms, tokens/s, peak memory (MiB)"][1])
+    # each kernel alone: the CPU runs its flash kernel only; a step calls it 2 layers x 2 forwards (8 sequences by 4)
+    alone = {k: rows[f"attention alone, {k}: fwd+bwd ms per call; per step"][1] for k in gpu_check_table.ATTENTION_KERNELS}
+    ms, per_step = map(float, alone["flash_attention"].split("; "))
+    assert ms > 0 and per_step == pytest.approx(4 * ms, rel=0.01, abs=0.1), alone
+    assert alone["cudnn_attention"] == alone["efficient_attention"] == "not supported here"
 
 
 def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
@@ -82,6 +90,9 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
         "gpu_check:bench_train start:10:00:00 limit:110s", "config:SDPA_BACKEND=auto",
         "device:cuda name:NVIDIA H100 80GB HBM3 world_size:1 cpu_threads:16 autocast:bf16 attention:cudnn_attention "
         "sdpa_backend:auto", "bench_train_primed compile_and_priming_s:70.0",
+        "bench_attention kernel:cudnn_attention supported:1 fwd_bwd_ms:4.10 calls_per_step:88 per_step_ms:360.8 "
+        "seqs:48 seq_len:2048 dtype:bfloat16", "bench_attention kernel:flash_attention supported:1 fwd_bwd_ms:5.00 "
+        "calls_per_step:88 per_step_ms:440.0 seqs:48 seq_len:2048 dtype:bfloat16",
         "bench_train machine:x step_ms:600.0 tok_s:1310720 peak_mem_mib:40000",
         "bench_profile_top rank:1 share:20.0% ms:120.00 calls:88 name:triton_per_fused_a b",
         "bench_memory between_steps_mib:520 weights_mib:103 optimizer_state_mib:310 ema_mib:103 step_peak_mib:26000 "
@@ -116,6 +127,9 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
     assert rows["other attention kernel (SDPA_BACKEND)"][1] == "flash_attention (flash)"
     assert rows["other attention kernel: step ms, tokens/s, peak memory (MiB)"][1] == \
         "750.0, 1048576 (0.80x step 1's tokens/s), 39000"
+    assert rows["attention alone, cudnn_attention: fwd+bwd ms per call; per step"][1] == "4.10; 360.8"
+    assert rows["attention alone, flash_attention: fwd+bwd ms per call; per step"][1] == "5.00; 440.0"
+    assert rows["attention alone, efficient_attention: fwd+bwd ms per call; per step"][1] == "missing in the log"
 
 
 FAKE_PEER = '''import json, os
