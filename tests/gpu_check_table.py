@@ -84,9 +84,10 @@ def table(text: str) -> str:
     rows.append(ours_only("other attention kernel: step ms, tokens/s, peak memory (MiB)",
                           f"{alt['step_ms']}, {alt['tok_s']}{speed}, {alt['peak_mem_mib']}" if alt
                           else why("bench_train_alt")))
+    alone = {f.get("kernel"): f for f in (dict(re.findall(r"(\w+):(\S+)", l)) for l in out.get("bench_train", [])
+                                          if l.startswith("bench_attention "))}
     for name in ATTENTION_KERNELS:  # each kernel alone at the run's shapes (bench_train, before compiling)
-        f = [dict(re.findall(r"(\w+):(\S+)", l)) for l in out.get("bench_train", []) if l.startswith("bench_attention ")]
-        f = next((x for x in f if x.get("kernel") == name), None)
+        f = alone.get(name)
         cell = (f"{f['fwd_bwd_ms']}; {f['per_step_ms']}" if f and f["supported"] == "1" else "not supported here" if f
                 else why("bench_train"))
         rows.append(ours_only(f"attention alone, {name}: fwd+bwd ms per call; per step", cell))
