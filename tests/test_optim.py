@@ -284,12 +284,13 @@ def test_muon_on_3_processes_equals_one_and_gathers_each_share_once(tmp_path):
             for i, ((w, buf), p) in enumerate(zip(rank["out"][str(dtype)], params)):
                 assert torch.equal(w, p.detach()) and torch.equal(buf, opt.state[p]["momentum_buffer"]), (k, i, dtype)
     order = sorted(shapes, key=lambda s: list(dict.fromkeys(shapes)).index(s))  # shape by shape
+    total, longest = sum(math.prod(s) for s in shapes), max(math.prod(s) for s in shapes)
+    share = max(sum(math.prod(s) for s in order[j::3]) for j in range(3))  # every rank sends the longest share
+    assert share <= total / 3 + longest
     for k, rank in enumerate(ranks):
         done = [(tuple(shape), n) for dt, (n, *shape) in rank["calls"] if dt == "torch.float32"]
         assert sorted(done) == sorted(list(Counter(order[k::3]).items()) * 3), (k, done)  # a call per shape and step
-        total, longest = sum(math.prod(s) for s in shapes), max(math.prod(s) for s in shapes)
-        assert rank["sent"] == [max(sum(math.prod(s) for s in order[j::3]) for j in range(3))] * 6, k
-        assert rank["sent"][0] <= total / 3 + longest
+        assert rank["sent"] == [share] * 6, k  # one all-gather per step, 3 steps x 2 update dtypes
 
 
 # ----------------------------------------------------------------------------------------------
