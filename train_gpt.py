@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -35,19 +36,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# ----------------------------------------------------------------------------------------------
-# Config: one frozen dataclass, built only by from_env()
+# ---- Config: one frozen dataclass, built only by from_env() ----------------------------------
 # Why: the challenge's scripts are driven by environment variables; reading them in one place,
 # validating them and printing them whole makes every run reproducible from its log.
-# ----------------------------------------------------------------------------------------------
 
 
 class UserError(Exception):
     """A problem the user can fix (bad input, bad knob); reported as one line, exit code 2."""
 
 
-def knob(default, help: str, lo=None, choices=None):
-    return field(default=default, metadata={"help": help, "lo": lo, "choices": choices})
+def knob(default, help: str, lo=None, choices=None, below=None):
+    return field(default=default, metadata={"help": help, "lo": lo, "choices": choices, "below": below})
 
 
 # Switches of the seed's script that its logged run left at one value, or that had no effect there.
@@ -82,8 +81,7 @@ class Hyperparameters:
     rope_dims: int = knob(16, "head dims rotated by RoPE (partial RoPE; 0 = the whole head)", lo=0)
     rope_base: float = knob(10000.0, "RoPE base", lo=1.0)
     rope_train_seq_len: int = knob(2048, "window length above which YaRN scales the RoPE base", lo=1)
-    rope_inv_freq: str = knob("bf16", "RoPE inverse frequencies: bf16-rounded as the published model's, or exact",
-                              choices=("bf16", "fp32"))
+    rope_inv_freq: str = knob("bf16", "RoPE 1/freq: bf16-rounded (as published) or exact", choices=("bf16", "fp32"))
     ln_scale: bool = knob(True, "scale block inputs by 1/sqrt(layer+1)")
     xsa_layers: int = knob(4, "last N blocks use XSA (remove own-value component)", lo=0)
     ve_enabled: bool = knob(True, "shared value embeddings in VE_LAYERS")
@@ -109,17 +107,17 @@ class Hyperparameters:
     scalar_lr: float = knob(0.025, "AdamW LR of vectors and small tables", lo=0.0)
     tied_embed_lr: float = knob(0.035, "AdamW LR of the tied embedding", lo=0.0)
     decoder_lr_mult: float = knob(2.0, "LR multiplier of decoder blocks", lo=0.0)
-    muon_momentum: float = knob(0.99, "Muon Nesterov momentum", lo=0.0)
-    muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0", lo=0.0)
+    muon_momentum: float = knob(0.99, "Muon Nesterov momentum", lo=0.0, below=1.0)
+    muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0", lo=0.0, below=1.0)
     muon_momentum_warmup_steps: int = knob(1500, "steps to reach MUON_MOMENTUM", lo=0)
     muon_backend_steps: int = knob(5, "Newton-Schulz iterations", lo=1)
     muon_wd: float = knob(0.04, "Muon decoupled weight decay", lo=0.0)
     adam_wd: float = knob(0.04, "AdamW weight decay", lo=0.0)
-    beta1: float = knob(0.9, "AdamW beta1", lo=0.0)
-    beta2: float = knob(0.95, "AdamW beta2", lo=0.0)
-    adam_eps: float = knob(1e-8, "AdamW epsilon", lo=0.0)
+    beta1: float = knob(0.9, "AdamW beta1", lo=0.0, below=1.0)
+    beta2: float = knob(0.95, "AdamW beta2", lo=0.0, below=1.0)
+    adam_eps: float = knob(1e-8, "AdamW epsilon", lo=1e-30)
     grad_clip_norm: float = knob(0.3, "global gradient-norm clip (0 = off)", lo=0.0)
-    ema_decay: float = knob(0.997, "EMA decay of the weights (0 = no EMA)", lo=0.0)
+    ema_decay: float = knob(0.997, "EMA decay of the weights (0 = no EMA)", lo=0.0, below=1.0)
     val_loss_every: int = knob(500, "validate every N steps (0 = only at the end)", lo=0)
     train_log_every: int = knob(200, "log a train line every N steps", lo=1)
     checkpoint_every: int = knob(0, "write a resumable checkpoint every N steps (0 = off)", lo=0)
@@ -153,8 +151,7 @@ class Hyperparameters:
     compile_cache_dir: str = knob("", "torch.compile's code cache for later runs (default RUNS_DIR/compile_cache)")
     sdpa_backend: str = knob("auto", "attention kernel: torch's choice, flash (the published run's) or cuDNN's first "
                              "(others measured it faster on Hopper)", choices=("auto", "flash", "cudnn"))
-    autocast: str = knob("auto", "bf16 autocast of every forward (auto = on CUDA; off = float32/TF32)",
-                         choices=("auto", "bf16", "off"))
+    autocast: str = knob("auto", "bf16 autocast (auto = on CUDA; off = float32/TF32)", choices=("auto", "bf16", "off"))
     submission_author: str = knob("", "author field of submission.json")
     submission_github_id: str = knob("", "github_id field of submission.json")
 
@@ -187,17 +184,15 @@ class Hyperparameters:
                 val = {"0": False, "1": True, "false": False, "true": True}[raw.lower()] if typ is bool else typ(raw)
             except (KeyError, ValueError):
                 raise UserError(f"{name}={env[name]!r} is not a valid {typ.__name__}") from None
-            lo, choices = f.metadata["lo"], f.metadata["choices"]
-            if (lo is not None and val < lo) or (typ is float and not math.isfinite(val)):
-                raise UserError(f"{name}={raw} must be a finite number >= {lo}")
+            lo, choices, below = f.metadata["lo"], f.metadata["choices"], f.metadata["below"]
+            out = (lo is not None and val < lo) or (below is not None and val >= below)
+            if out or (typ is float and not math.isfinite(val)):
+                raise UserError(f"{name}={raw} must be a finite number >= {lo}" + (f" and < {below}" if below else ""))
             if choices and val not in choices:
                 raise UserError(f"{name}={raw} must be one of {', '.join(choices)}")
             kwargs[f.name] = val
-        if kwargs.get("compat_pr644"):  # the published schedule; other values are refused by check()
-            kwargs.setdefault("warmup_steps", 0)
-            kwargs.setdefault("warmdown_shape", "linear")
-            kwargs.setdefault("prime_steps", 20)  # its priming leaves a trace there: the kept scale gradient
-            kwargs.setdefault("sdpa_backend", "flash")  # its attention kernel (it turns the others off)
+        if kwargs.get("compat_pr644"):  # the published schedule, priming (it leaves the kept scale gradient) and kernel
+            kwargs = dict(warmup_steps=0, warmdown_shape="linear", prime_steps=20, sdpa_backend="flash") | kwargs
         hp = cls(**kwargs)
         hp.check()
         return hp
@@ -229,13 +224,18 @@ class Hyperparameters:
              f"indices must be distinct and within 0..{self.num_layers - 1}")
         need(not self.eval_only or os.path.isfile(self.artifact), "ARTIFACT",
              "EVAL_ONLY=1 needs ARTIFACT=an existing final_model.int6.ptz")
+        need(not (self.eval_only and self.resume), "RESUME", "EVAL_ONLY=1 trains nothing, so nothing resumes")
 
-    def model_signature(self) -> dict:
-        """The knobs that decide parameter shapes and the forward; checkpoints must agree on these."""
+    def model_signature(self, resume: bool = False) -> dict:
+        """The knobs that decide parameter shapes and the forward; with `resume`, also those that a checkpoint's
+        optimizer and EMA state was made with. A resume must keep all of them."""
         keys = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_hidden", "bigram_buckets",
                 "bigram_embed_dim", "rope_dims", "rope_base", "rope_train_seq_len", "rope_inv_freq", "ln_scale",
                 "xsa_layers", "ve_enabled", "ve_dim", "ve_layers", "logit_softcap", "bos_mask", "train_seq_len",
-                "compat_pr644")
+                "compat_pr644") + (("seed", "train_batch_tokens", "matrix_lr", "scalar_lr", "tied_embed_lr",
+                "decoder_lr_mult", "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps",
+                "muon_backend_steps", "muon_wd", "adam_wd", "beta1", "beta2", "adam_eps", "grad_clip_norm", "ema_decay",
+                "warmup_steps", "warmdown_shape") if resume else ())
         return {k: getattr(self, k) for k in keys}
 
 
@@ -248,11 +248,9 @@ def help_text() -> str:
             f"{'KNOB':28s} {'DEFAULT':38s} MEANING\n" + "\n".join(rows))
 
 
-# ----------------------------------------------------------------------------------------------
-# Data and metric
+# ---- Data and metric -------------------------------------------------------------------------
 # Why: shards are the challenge's binary format; val_bpb must match the challenge's byte rule bit
 # for bit, so the byte tables come straight from the tokenizer and sums run in float64.
-# ----------------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
@@ -278,7 +276,7 @@ def open_shard(path: str) -> np.ndarray:
 def shard_files(data_path: str, split: str) -> list[str]:
     if not os.path.isdir(data_path):
         raise UserError(f"DATA_PATH={data_path} is not a directory (download: ./run.sh data N; 0 = no train shards)")
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    files = sorted(glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin")))
     if not files:
         raise UserError(f"no fineweb_{split}_*.bin shards in DATA_PATH={data_path}")
     return files
@@ -309,13 +307,17 @@ class TokenStream:
 
     def load_state(self, st: dict) -> None:
         self.shard, self.offset = int(st["shard"]), int(st["offset"])
+        if self.shard >= len(self.shards) or self.offset >= len(self.shards[self.shard]):
+            raise UserError(f"the checkpoint's data position (shard {self.shard}, token {self.offset}) is past the "
+                            f"{len(self.shards)} train shards now in DATA_PATH: resume with the run's shards")
 
 
 def load_validation(hp: Hyperparameters) -> Tensor:
     tokens = np.concatenate([open_shard(f) for f in shard_files(hp.data_path, "val")])
     tokens = tokens[:hp.val_max_tokens or None]
-    if len(tokens) < 2:
-        raise UserError(f"validation split in {hp.data_path} has {len(tokens)} tokens; need at least 2")
+    if len(tokens) <= hp.train_seq_len:  # the standard evaluation scores whole windows only
+        raise UserError(f"validation split in {hp.data_path} has {len(tokens)} tokens (VAL_MAX_TOKENS="
+                        f"{hp.val_max_tokens}); need at least TRAIN_SEQ_LEN+1 = {hp.train_seq_len + 1}")
     if tokens.max() >= hp.vocab_size:
         raise UserError(f"validation shards hold token id {tokens.max()} >= VOCAB_SIZE={hp.vocab_size}")
     return torch.from_numpy(tokens.astype(np.int64))
@@ -373,11 +375,9 @@ class BpbMeter:
         return val_loss, val_loss / math.log(2.0) * ntok / max(nbytes, 1.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# Model
+# ---- Model -----------------------------------------------------------------------------------
 # Why: one block, one attention and one forward serve training, scoring and TTT; the state-dict
 # names and shapes are the seed's, so its artifacts load unchanged.
-# ----------------------------------------------------------------------------------------------
 
 try:  # FlashAttention 3 (Hopper) when installed; never required
     from flash_attn_interface import flash_attn_func as _fa3
@@ -584,11 +584,9 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), reduction="none").view(tgt.shape)
 
 
-# ----------------------------------------------------------------------------------------------
-# Optimizers
+# ---- Optimizers ------------------------------------------------------------------------------
 # Why: Muon orthogonalises the block matrices (each rank a share, updates shared); AdamW takes the
 # rest. Every parameter's optimizer and LR comes from one explicit role table.
-# ----------------------------------------------------------------------------------------------
 
 # role -> (optimizer, base-LR knob, decoder blocks get DECODER_LR_MULT)
 PARAM_ROLES = {
@@ -694,8 +692,7 @@ def build_optimizers(hp: Hyperparameters, model: GPT) -> list[torch.optim.Optimi
 
 
 def lr_multiplier(hp: Hyperparameters, step: int, elapsed_ms: float = 0.0, step_ms: float = 0.0) -> float:
-    """Warm-up, plateau, then warm-down (cosine or linear) to 0 at ITERATIONS or at the wall-clock cap. `left`,
-    the share of the warm-down still ahead, is computed as the published script computes its linear factor."""
+    """Warm-up, plateau, warm-down (cosine or linear) to 0 at ITERATIONS or the cap; `left` computed as published."""
     warm = min(1.0, (step + 1) / hp.warmup_steps) if hp.warmup_steps else 1.0
     if hp.max_wallclock_seconds > 0:
         left_ms = max(hp.max_wallclock_seconds * 1000 - elapsed_ms, 0.0)
@@ -712,11 +709,9 @@ def muon_momentum(hp: Hyperparameters, step: int) -> float:
     return (1 - f) * hp.muon_momentum_warmup_start + f * hp.muon_momentum
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
+# ---- Training --------------------------------------------------------------------------------
 # Why: a 3.5-hour multi-GPU run must survive a kill: the whole training state (weights, optimizers,
 # EMA, data position, RNG) is one dict, used for checkpoints and for undoing the compile priming.
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -784,8 +779,7 @@ STOP = StopSignal()
 
 
 def batch_split(hp: Hyperparameters, world: int) -> tuple[int, int]:
-    """(micro-batch, accumulation steps) on `world` processes: the largest micro-batch <= MICRO_BATCH_SEQS that
-    divides each rank's share of the global batch; refused only if the batch does not split into equal shares."""
+    """(micro-batch, accumulation): the largest micro-batch <= MICRO_BATCH_SEQS dividing each rank's equal share."""
     T, seqs = hp.train_seq_len, hp.train_batch_tokens // hp.train_seq_len
     if seqs % world:
         near = " or ".join(str(n * T) for n in (seqs // world * world, seqs // world * world + world) if n)
@@ -833,7 +827,7 @@ class Trainer:
               "ema": self.ema and {k: cpu(v) for k, v in self.ema.items()},
               "data": self.stream.state(), "step": self.step, "train_ms": self.train_ms,
               "kept_grads": [None if p.grad is None else p.grad.clone() for p in self.kept],
-              "rng": torch.get_rng_state(), "signature": json.dumps(self.hp.model_signature(), sort_keys=True)}
+              "rng": torch.get_rng_state(), "signature": json.dumps(self.hp.model_signature(True), sort_keys=True)}
         if self.rt.device.type == "cuda":  # not on a GPU box run with DEVICE=cpu: that would open a CUDA context
             st["cuda_rng"] = torch.cuda.get_rng_state()
         return st
@@ -855,8 +849,11 @@ class Trainer:
     def next_batch(self) -> list[tuple[Tensor, Tensor]]:
         """One contiguous span per step: world*accum pieces of micro*T+1 tokens; rank r takes r, r+W, ..."""
         T, n = self.hp.train_seq_len, self.micro * self.hp.train_seq_len + 1
-        span = self.stream.take(self.accum * self.rt.world * n).reshape(self.accum, self.rt.world, n)[:, self.rt.rank]
-        buf = torch.from_numpy(span.astype(np.int64))
+        span = self.stream.take(self.accum * self.rt.world * n).reshape(self.accum, self.rt.world, n)
+        if span.max() >= self.hp.vocab_size:  # all ranks see the whole span: all stop at the same step
+            raise UserError(f"train shards in DATA_PATH={self.hp.data_path} hold token id {span.max()} >= VOCAB_SIZE="
+                            f"{self.hp.vocab_size} (train shard {self.stream.shard} of {len(self.stream.shards)})")
+        buf = torch.from_numpy(span[:, self.rt.rank].astype(np.int64))
         if self.rt.device.type == "cuda":
             buf = buf.pin_memory().to(self.rt.device, non_blocking=True)
         return [(b[:-1].view(-1, T), b[1:].view(-1, T)) for b in buf]
@@ -905,8 +902,7 @@ class Trainer:
                             "is intact - lower the learning rates or resume from it")
 
     def prime(self) -> None:
-        """Untimed steps to warm up compilation, run as the published script's (full LR, Muon's initial
-        momentum, no clip), then restore every piece of state they touched except the kept gradients."""
+        """Untimed priming steps as published (full LR, no clip); then their state is undone, kept grads aside."""
         if self.hp.prime_steps == 0 or self.hp.iterations == 0:
             return
         saved = self.state()
@@ -933,7 +929,8 @@ class Trainer:
         if self.rt.main:
             d.mkdir(parents=True, exist_ok=True)
             atomic_save(self.state(), final)
-            for old in sorted(d.glob("ckpt_*.pt"))[:-2] + list(d.glob(".ckpt_*.tmp")):  # incl. leftovers of a kill
+            older = [p for p in sorted(d.glob("ckpt_*.pt")) if p.name < final.name][:-1]  # keep final and one more
+            for old in older + list(d.glob(".ckpt_*.tmp")):  # and clear leftovers of a kill
                 old.unlink(missing_ok=True)
             self.rt.log(f"checkpoint:{final} step:{self.step}")
         return final
@@ -946,20 +943,21 @@ class Trainer:
             except Exception as e:
                 self.rt.log(f"checkpoint:{path} unreadable ({type(e).__name__}), trying an older one")
                 continue
-            if st.get("signature") != json.dumps(self.hp.model_signature(), sort_keys=True):
-                theirs, now = json.loads(st.get("signature", "{}")), self.hp.model_signature()
+            if st.get("signature") != json.dumps(self.hp.model_signature(True), sort_keys=True):
+                theirs, now = json.loads(st.get("signature", "{}")), self.hp.model_signature(True)
                 diff = ", ".join(f"{k.upper()}={theirs.get(k)} in checkpoint vs {now[k]} now" for k in now
                                  if theirs.get(k) != now[k])
-                raise UserError(f"cannot resume from {path}: model config differs ({diff})")
+                raise UserError(f"cannot resume from {path}: config differs ({diff}); set the checkpoint's values")
             self.load_state(st)
             self.rt.log(f"resume:{path} step:{self.step}")
             return
+        if (self.rt.run_dir / "final_model.int6.ptz").exists():  # a finished run: never retrain over its outputs
+            raise UserError(f"RESUME=1: {self.rt.run_dir} holds a finished run and {d} no checkpoint to continue from")
         self.rt.log(f"resume: no valid checkpoint in {d}, starting from step 0")
 
     def stop_agreed(self, now: bool = False) -> bool:
-        """Stop after this step? One process: once it got a signal. Several: once the votes summed by the loss's
-        all-reduce say so, read (a host sync) at the same steps on all ranks, so that all stop after the same step.
-        Every 4 steps: ~3 s at 0.8 s/step, 10 s on a 3x slower GPU, inside torchrun's 30 s grace with the write."""
+        """Stop after this step? One process: once signalled. Several: once the votes summed in the loss's all-reduce
+        say so, read (a host sync) every 4 steps on all ranks alike: ~3 s at 0.8 s/step, in torchrun's 30 s grace."""
         if self.rt.world == 1 or (now and STOP.signum):  # at the loop's end a rank's own signal suffices too
             return STOP.signum > 0
         return (now or self.step % 4 == 0) and self.votes.item() > 0
@@ -1016,18 +1014,21 @@ class Trainer:
 def atomic_save(obj, path: Path) -> None:
     """Bytes or torch.save to a temporary file, fsync, rename: the final name never holds a partial file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:  # e.g. a full disk (torch.save says only "unexpected pos"): no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({(str(e).splitlines() or [''])[0][:160]}; "
+                        f"{shutil.disk_usage(path.parent).free // 2**20} MiB free there)") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Quantization and the artifact (format int6_clean_per_row_v1)
+# ---- Quantization and the artifact (format int6_clean_per_row_v1) ----------------------------
 # Why: the challenge counts code + compressed weights against 16,000,000 bytes. The layout is the
 # seed's, so its files and ours are interchangeable; reading never unpickles code.
-# ----------------------------------------------------------------------------------------------
 
 QUANT_FORMAT = "int6_clean_per_row_v1"
 KEEP_FLOAT_MAX_NUMEL = 65_536
@@ -1076,8 +1077,7 @@ def is_int6(name: str, t: Tensor, quant_embed: bool) -> bool:
 # first), each one's error pushed onto the columns not yet rounded, weighted by the layer's input Hessian H = sum x x^T
 # from training tokens. The tied tok_emb uses the head's input; tables only looked up (BigramHash, VE): nearest.
 def calibration_batches(hp: Hyperparameters, rt: Runtime, train_files: list[str]) -> list[tuple[Tensor, Tensor]]:
-    """GPTQ_CALIB_SEQS windows of TRAIN_SEQ_LEN from the start of the training stream (never validation tokens);
-    rank r takes windows r, r+W, ... in micro-batches."""
+    """GPTQ_CALIB_SEQS windows from the start of the training stream (never validation), rank r taking r, r+W, ..."""
     T, n, m = hp.train_seq_len, hp.gptq_calib_seqs, hp.micro_batch_seqs
     span = torch.from_numpy(TokenStream(train_files).take(n * T + 1).astype(np.int64)).to(rt.device)
     x, y = span[:-1].view(n, T)[rt.rank::rt.world], span[1:].view(n, T)[rt.rank::rt.world]
@@ -1134,9 +1134,8 @@ def gptq_codes(w: Tensor, scales: Tensor, H: Tensor, damp: float, block: int = 1
 
 
 def round_codes(name: str, w: Tensor, near: Tensor, scales: Tensor, gptq: dict | None, herr: dict) -> Tensor:
-    """The codes to store for w on its row scales: GPTQ's (on the Hessian's device) where `gptq` holds the Hessian
-    of `name`, else the quantizer's own nearest codes `near`. herr[name] = tr(dW H dW^T) of both: the summed
-    squared output error over the calibration inputs."""
+    """Codes of w on its row scales: GPTQ's (on the Hessian's device) where `gptq` holds `name`'s Hessian, else `near`;
+    herr[name] = tr(dW H dW^T) of both, the squared output error summed over the calibration inputs."""
     if gptq is None or name not in gptq["H"]:
         return near
     H = gptq["H"][name]
@@ -1397,11 +1396,9 @@ def load_weights(model: GPT, sd: dict[str, Tensor], source: str) -> None:
                 v.data = sd[k].to(v.device)
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation and test-time training
+# ---- Evaluation and test-time training -------------------------------------------------------
 # Why: every validation target is scored exactly once, windows indexed in one tensor (no copies),
 # the head only where scored; TTT scores a chunk before it trains on it: no gradient sees it unscored.
-# ----------------------------------------------------------------------------------------------
 
 
 def plan_windows(n_tokens: int, seq_len: int, stride: int) -> tuple[Tensor, Tensor]:
@@ -1525,11 +1522,9 @@ def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tabl
     return meter.result()
 
 
-# ----------------------------------------------------------------------------------------------
-# Main
+# ---- Main ------------------------------------------------------------------------------------
 # Why: one flow for every mode - dry run, training, eval-only - so the final score always comes from
 # the artifact as read back from disk, never from the float model.
-# ----------------------------------------------------------------------------------------------
 
 
 def setup_runtime(hp: Hyperparameters) -> Runtime:
@@ -1584,8 +1579,7 @@ def log_header(hp: Hyperparameters, rt: Runtime) -> None:
 
 
 def final_evaluation(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tables, standard=None) -> dict:
-    """The configured final mode on the current (artifact) weights. The pre-TTT score is the cheap
-    standard evaluation of the same weights (passed in when the caller already has it)."""
+    """The configured final mode on the current (artifact) weights, after their standard score (passed in if known)."""
     sliding = 0 < hp.eval_stride < hp.train_seq_len
     mode = "ttt" if hp.ttt_enabled and sliding else "sliding" if sliding else "standard"
     t0 = time.perf_counter()
@@ -1708,6 +1702,9 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         rt.log(f"compile_cache: fx_graph_hits:{stats['inductor']['fxgraph_cache_hit']} "
                f"misses:{stats['inductor']['fxgraph_cache_miss']} aot_autograd_hits:"
                f"{stats['aot_autograd']['autograd_cache_hit']} misses:{stats['aot_autograd']['autograd_cache_miss']}")
+    if not all(map(math.isfinite, (result["val_bpb"], result["pre_ttt_val_bpb"]))):  # a failure, not a score
+        raise UserError(f"the score is not finite: val_bpb {result['val_bpb']} (before TTT "
+                        f"{result['pre_ttt_val_bpb']}); no submission.json, the weights are kept in {rt.run_dir}")
     if rt.main:
         write_submission(hp, rt, result)
     if rt.world > 1:
@@ -1780,6 +1777,9 @@ def main() -> int:
         if not reports_error(rank):
             time.sleep(60)  # the reporting rank may still be printing: torchrun stops this process when it exits
             return 2
+        if isinstance(e, (OSError, MemoryError, torch.OutOfMemoryError)):  # the system refused: one line too
+            oom = "" if isinstance(e, OSError) else "; lower MICRO_BATCH_SEQS, EVAL_BATCH_SEQS or TTT_BATCH_SEQS"
+            e = UserError(f"{type(e).__name__} during {STOP.phase}: {(str(e).splitlines() or [''])[0][:300]}{oom}")
         if not isinstance(e, UserError):
             raise
         line = f"error: {f'rank {rank}: ' if rank else ''}{e}"  # another rank names itself (maybe its error alone)

@@ -239,6 +239,18 @@ def test_serialization_is_deterministic_zstd22_and_plain_readable(artifact_obj):
     assert deep_equal(back, artifact_obj)
 
 
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path):
+    """atomic_save failing half-way (here an object torch.save cannot pickle, after its tensor bytes; a full disk
+    fails there too, where torch says only "unexpected pos"): one line naming the file and the free space, the
+    previous file intact, no temporary file left to fill the disk."""
+    path = tmp_path / "final_model.pt"
+    tg.atomic_save(b"the previous artifact", path)
+    with pytest.raises(tg.UserError, match=rf"cannot write {re.escape(str(path))} \(.*; \d+ MiB free there\)"):
+        tg.atomic_save({"w": torch.zeros(1 << 16), "f": lambda: 0}, path)
+    assert path.read_bytes() == b"the previous artifact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_model.pt"]
+
+
 # ------------------------------------------------------------------------------------------------ safe loading
 
 class _Payload:

@@ -8,6 +8,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from conftest import MANIFEST, ROOT, SAMPLE, TINY, TOKENIZER, clean_env, tg
 
@@ -24,6 +25,7 @@ CLI_CASES = {
     "default_dry_run": (dict(CORPUS_ENV, DRY_RUN="1"), ()),
     "help": ({}, ("--help",)),
     **{f"bad{i}": (dict(CORPUS_ENV, DRY_RUN="1", **env), ()) for i, (env, _) in enumerate(CLI_BAD)},
+    "runs_dir_is_a_file": (dict(CORPUS_ENV, RUNS_DIR=str(ROOT / "train_gpt.py")), ()),
 }
 
 
@@ -171,6 +173,12 @@ BAD = [
     (dict(LATE_QAT="1"), ("LATE_QAT",), None),
     (dict(TTT_OPTIMIZER="adamw"), ("TTT_OPTIMIZER",), None),
     (dict(EMA_ENABLED="0"), ("EMA_ENABLED",), None),
+    (dict(BETA2="1"), ("BETA2",), "< 1"),                                           # AdamW refused it with a traceback
+    (dict(BETA1="1.5"), ("BETA1",), "< 1"),
+    (dict(MUON_MOMENTUM="1"), ("MUON_MOMENTUM",), "< 1"),
+    (dict(EMA_DECAY="1.5"), ("EMA_DECAY",), "< 1"),                                 # ran on to a NaN score
+    (dict(ADAM_EPS="0"), ("ADAM_EPS",), None),                                      # a late "non-finite loss"
+    (dict(EVAL_ONLY="1", ARTIFACT=tg.__file__, RESUME="1"), ("RESUME",), "nothing resumes"),
 ]
 
 
@@ -233,6 +241,23 @@ def test_bad_config_cli_one_line_exit_2(env, names, cli):
     if "TTT_EPOCH" in env:
         assert "did you mean TTT_EPOCHS" in line
     assert "model_params" not in proc.stdout  # it stopped before building anything
+
+
+def test_what_the_system_refuses_is_one_line_too(cli, monkeypatch, capsys):
+    """An OSError (here RUNS_DIR is a file) and running out of memory end in one line naming the phase, exit 2;
+    out of memory also names the knobs that shrink the batches."""
+    line = assert_one_line_error(cli["runs_dir_is_a_file"], "train_gpt.py")
+    assert line.startswith(("error: NotADirectoryError during startup", "error: FileExistsError during startup")), line
+    monkeypatch.setattr(tg.Hyperparameters, "from_env", lambda env=None: tg.Hyperparameters(device="cpu"))
+    monkeypatch.setattr(tg.STOP, "phase", "startup")
+    for err in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), MemoryError()):
+        def oom(hp, rt, err=err):
+            raise err
+        monkeypatch.setattr(tg, "run", oom)
+        assert tg.main() == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "MICRO_BATCH_SEQS" in lines[0] and "during startup" in lines[0], lines
+        assert f"{type(err).__name__} during" in lines[0] and str(err).split("\n")[0] in lines[0], lines
 
 
 # -- --help ------------------------------------------------------------------------------------------

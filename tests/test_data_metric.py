@@ -224,10 +224,12 @@ def test_bad_inputs_in_process(tmp_path, corpus):
     assert str(garbage) in str(info.value)
     assert tg.load_tokenizer(tiny_hp()).vocab_size() == 1024
 
-    d = tmp_path / "data"
+    d = tmp_path / "data[1]"  # a folder name that is also a glob pattern: its shards must still be found
     d.mkdir()
-    write_shard(d / "fineweb_val_000000.bin", [1, 5, 1023, 7])
-    assert tg.load_validation(tiny_hp(DATA_PATH=str(d))).tolist() == [1, 5, 1023, 7]
+    write_shard(d / "fineweb_val_000000.bin", [1, 5, 1023, 7] * 33)
+    assert tg.load_validation(tiny_hp(DATA_PATH=str(d))).tolist() == [1, 5, 1023, 7] * 33
+    with pytest.raises(tg.UserError, match=r"128 tokens .*TRAIN_SEQ_LEN\+1 = 129"):  # scored nothing: bpb 0.0
+        tg.load_validation(tiny_hp(DATA_PATH=str(d), VAL_MAX_TOKENS=128))
     write_shard(d / "fineweb_val_000001.bin", [1, 5, 2000, 7])  # id 2000 >= VOCAB_SIZE=1024
     with pytest.raises(tg.UserError, match="VOCAB_SIZE"):
         tg.load_validation(tiny_hp(DATA_PATH=str(d)))
@@ -239,9 +241,25 @@ def test_bad_inputs_in_process(tmp_path, corpus):
         tg.TokenStream(tg.shard_files(str(d), "train"))
     assert bad in str(info.value)
     os.remove(bad)
+    stream = tg.TokenStream(tg.shard_files(str(d), "train"))
+    for where in ({"shard": 1, "offset": 0}, {"shard": 0, "offset": 10}):  # a resume after the shards changed
+        with pytest.raises(tg.UserError, match="past the 1 train shards"):
+            stream.load_state(where)
     write_shard(d / "fineweb_train_000000.bin", [])
     with pytest.raises(tg.UserError):
         tg.TokenStream(tg.shard_files(str(d), "train"))
+
+
+def test_train_token_ids_outside_the_vocabulary_stop_training_with_one_line(tmp_path):
+    """Shards of another tokenizer: every rank sees the whole step's span, so all stop at the same step with a
+    UserError, before an embedding lookup fails (a raw IndexError on a CPU, a device-side assert on a GPU)."""
+    write_shard(tmp_path / "fineweb_train_000000.bin", [3] * 5000 + [2000] + [3] * 5000)
+    hp = tiny_hp(DATA_PATH=str(tmp_path))
+    tr = tg.Trainer(hp, tg.Runtime(), tg.GPT(hp), tg.TokenStream(tg.shard_files(str(tmp_path), "train")))
+    tr.next_batch()  # tokens 0..2064: in the vocabulary
+    with pytest.raises(tg.UserError, match=r"token id 2000 >= VOCAB_SIZE=1024 \(train shard 0 of 1\)"):
+        for _ in range(5):
+            tr.next_batch()
 
 
 # -- byte accounting against the tokenizer ------------------------------------------------------------

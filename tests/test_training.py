@@ -287,16 +287,51 @@ def test_truncated_newest_checkpoint_is_skipped(run_a, runs):
 
 # ---------------------------------------------------------------------------------------------- 3. config change
 
-def test_resume_with_other_model_config_is_refused(run_a, runs):
+@pytest.mark.parametrize("knob,value,was", [("MODEL_DIM", "32", "64"), ("MATRIX_LR", "0.5", "0.025"),
+                                            ("EMA_DECAY", "0.0", "0.9"), ("SEED", "8", "7")])
+def test_resume_with_other_config_is_refused(run_a, runs, knob, value, was):
+    """The model's knobs, and those the checkpoint's optimizer and EMA state was made with (else a new LR was
+    silently overridden by the saved one, and EMA or a learning-rate group turned on crashed), and the seed."""
     a_dir, _ = run_a
-    ck = copy_checkpoints(a_dir, runs / "m")
+    ck = copy_checkpoints(a_dir, runs / knob)
     before = snapshot(ck)
-    r = run_script({**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "m", "RESUME": "1", "MODEL_DIM": "32"})
+    r = run_script({**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": knob, "RESUME": "1", knob: value})
     line = assert_one_line_error(r)
-    assert "MODEL_DIM" in line and "64" in line and "32" in line, line
-    assert "NUM_LAYERS" not in line and "MLP_HIDDEN" not in line, line  # only the knob that differs is named
+    assert f"{knob}={was} in checkpoint vs {value} now" in line, line
+    assert line.count(" in checkpoint vs ") == 1, line  # only the knob that differs is named
     assert snapshot(ck) == before
-    assert not (runs / "m" / "final_model.pt").exists()
+    assert not (runs / knob / "final_model.pt").exists()
+
+
+def test_checkpoints_in_a_shared_folder_are_kept_and_never_resume_another_run(run_a, runs):
+    """CHECKPOINT_DIR holding another run's later checkpoints (12, 16): a new run's own checkpoints survive their
+    rotation (it used to delete the one just written), and a resume that finds the other run's is refused."""
+    a_dir, _ = run_a
+    shared = copy_checkpoints(a_dir, runs / "shared_a")
+    theirs = snapshot(shared)
+    env = {**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "b", "SEED": "8", "ITERATIONS": "6", "WARMDOWN_ITERS": "2",
+           "CHECKPOINT_EVERY": "2", "CHECKPOINT_DIR": str(shared)}
+    r = ok(run_script(env))
+    assert re.findall(r"^checkpoint:\S+ step:(\d+)$", r.stdout, re.M) == ["2", "4", "6"]
+    names = sorted(p.name for p in shared.iterdir())
+    assert names == ["ckpt_0000004.pt", "ckpt_0000006.pt", "ckpt_0000012.pt", "ckpt_0000016.pt"], names
+    assert load_ckpt(shared / "ckpt_0000006.pt")["step"] == 6
+    assert {k: v for k, v in snapshot(shared).items() if k in theirs} == theirs
+    line = assert_one_line_error(run_script({**env, "RUN_ID": "b2", "RESUME": "1"}))
+    assert "ckpt_0000016.pt" in line and "SEED=7 in checkpoint vs 8 now" in line, line
+
+
+def test_resume_of_a_finished_run_without_checkpoints_is_refused(run_a, runs):
+    """RESUME=1 with no checkpoint starts at step 0, except where the run folder holds a finished run: its artifact,
+    weights and submission must not be trained over."""
+    a_dir, _ = run_a
+    done = runs / "done"
+    shutil.copytree(a_dir, done, ignore=shutil.ignore_patterns("checkpoints"))
+    before = snapshot(done)
+    line = assert_one_line_error(run_script({**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "done", "RESUME": "1"}))
+    assert "finished run" in line and str(done) in line, line
+    assert {k: v for k, v in snapshot(done).items() if k != "train.log"} == \
+        {k: v for k, v in before.items() if k != "train.log"}
 
 
 # ---------------------------------------------------------------------------------------------- 5. no overwrite
@@ -339,6 +374,17 @@ def test_divergence_exits_with_step_and_keeps_checkpoints(runs):
 
 
 # ---------------------------------------------------------------------------------------------- 4. torchrun
+
+def test_a_non_finite_score_is_an_error_not_a_result(runs):
+    """TTT that diverges (an overflowing LR, no clip) ends the run with one line and exit 2, not exit 0 and a
+    submission.json holding NaN (not even valid JSON); the weights and the artifact stay."""
+    env = {**TINY, "RUNS_DIR": str(runs), "RUN_ID": "nanscore", "ITERATIONS": "4", "WARMDOWN_ITERS": "1",
+           "TTT_LR": "1e30", "TTT_GRAD_CLIP": "0", "VAL_MAX_TOKENS": "4000"}
+    line = assert_one_line_error(run_script(env))
+    assert "not finite" in line and "val_bpb nan" in line, line
+    assert sorted(p.name for p in (runs / "nanscore").iterdir()) == ["final_model.int6.ptz", "final_model.pt",
+                                                                      "train.log"]
+
 
 def test_wallclock_cap_follows_rank_0s_clock(tmp_path):
     """Each host clock runs ahead of its GPU by a different amount; if every rank read its own, one could
