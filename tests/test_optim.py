@@ -675,7 +675,7 @@ class CountingStream:
 def test_seed_data_order_on_1_2_4_8_processes_is_unchanged(world):
     """The order before the split changed, written out: each step reads one contiguous span of 8 pieces of
     48 x 2048 + 1 tokens, and micro-step a of rank r gets piece a * world + r."""
-    hp = tiny_hp(**SEED)
+    hp = tiny_hp(**SEED, VOCAB_SIZE=1 << 22)  # the tokens are stream positions: up to 1.6 M, all "in the vocabulary"
     model = tiny_model()
     n = 48 * 2048 + 1
     for rank in range(world):

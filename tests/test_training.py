@@ -309,15 +309,15 @@ def test_checkpoints_in_a_shared_folder_are_kept_and_never_resume_another_run(ru
     a_dir, _ = run_a
     shared = copy_checkpoints(a_dir, runs / "shared_a")
     theirs = snapshot(shared)
-    env = {**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "b", "SEED": "8", "ITERATIONS": "6", "WARMDOWN_ITERS": "2",
-           "CHECKPOINT_EVERY": "2", "CHECKPOINT_DIR": str(shared)}
+    env = {**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "shared_b", "SEED": "8", "ITERATIONS": "6",
+           "WARMDOWN_ITERS": "2", "CHECKPOINT_EVERY": "2", "CHECKPOINT_DIR": str(shared)}
     r = ok(run_script(env))
     assert re.findall(r"^checkpoint:\S+ step:(\d+)$", r.stdout, re.M) == ["2", "4", "6"]
     names = sorted(p.name for p in shared.iterdir())
     assert names == ["ckpt_0000004.pt", "ckpt_0000006.pt", "ckpt_0000012.pt", "ckpt_0000016.pt"], names
     assert load_ckpt(shared / "ckpt_0000006.pt")["step"] == 6
     assert {k: v for k, v in snapshot(shared).items() if k in theirs} == theirs
-    line = assert_one_line_error(run_script({**env, "RUN_ID": "b2", "RESUME": "1"}))
+    line = assert_one_line_error(run_script({**env, "RUN_ID": "shared_b2", "RESUME": "1"}))
     assert "ckpt_0000016.pt" in line and "SEED=7 in checkpoint vs 8 now" in line, line
 
 
