@@ -1361,7 +1361,7 @@ def read_artifact(path: str, max_bytes: int = 1 << 30) -> dict:
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise bad(f"refused to load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise bad(f"refused to load ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
     if not isinstance(obj, dict) or obj.get("__quant_format__") != QUANT_FORMAT:
         fmt = obj.get("__quant_format__") if isinstance(obj, dict) else type(obj).__name__
         raise bad(f"format {fmt!r}, expected {QUANT_FORMAT!r}")
