@@ -1,9 +1,8 @@
 """train_gpt.py: the 11-layer GEPA model of the Parameter Golf challenge, end to end.
 
-Builds the model (XSA, SmearGate, BigramHash, partial RoPE, ReLU^2 MLP, U-Net skips, value
-embeddings), trains it with Muon/AdamW + EMA, writes the int6 + zstd-22 artifact and scores it
-(standard, sliding or legal score-first TTT) in the challenge's val_bpb. One file, read top to
-bottom, configured only through environment variables (`python train_gpt.py --help`).
+Builds the model (XSA, SmearGate, BigramHash, partial RoPE, ReLU^2 MLP, U-Net skips, value embeddings), trains it with
+Muon/AdamW + EMA, writes the int6 + zstd-22 artifact and scores it (standard, sliding or legal score-first TTT) in the
+challenge's val_bpb. One file, read top-down, configured only by environment variables (`python train_gpt.py --help`).
 Hard stop: this file stays within 1,800 lines of at most 120 characters.
 """
 from __future__ import annotations
@@ -147,7 +146,8 @@ class Hyperparameters:
     eval_only: bool = knob(False, "skip training; evaluate ARTIFACT")
     artifact: str = knob("", "artifact (.ptz) for EVAL_ONLY")
     device: str = knob("auto", "compute device", choices=("auto", "cpu", "cuda"))
-    compile: str = knob("auto", "torch.compile the model (auto = on CUDA)", choices=("auto", "0", "1"))
+    compile: str = knob("auto", "torch.compile the model by regions (auto = on CUDA) or as one graph",
+                        choices=("auto", "0", "1", "graph"))
     compile_cache_dir: str = knob("", "torch.compile's code cache for later runs (default RUNS_DIR/compile_cache)")
     sdpa_backend: str = knob("auto", "attention kernel: torch's choice, flash (the published run's) or cuDNN's first "
                              "(others measured it faster on Hopper)", choices=("auto", "flash", "cudnn"))
@@ -225,6 +225,10 @@ class Hyperparameters:
         need(not self.eval_only or os.path.isfile(self.artifact), "ARTIFACT",
              "EVAL_ONLY=1 needs ARTIFACT=an existing final_model.int6.ptz")
         need(not (self.eval_only and self.resume), "RESUME", "EVAL_ONLY=1 trains nothing, so nothing resumes")
+        need(self.eval_only or not self.artifact, "ARTIFACT", "is read by EVAL_ONLY=1 only (training writes its own)")
+        code = os.path.getsize(__file__)  # code + model bytes count toward QUANT_TARGET_BYTES, as toward the cap
+        need(self.quant_target_bytes == 0 or self.quant_target_bytes > code, "QUANT_TARGET_BYTES",
+             f"leaves no bytes for the model: the code alone is {code} bytes (0 = off)")
 
     def model_signature(self, resume: bool = False) -> dict:
         """The knobs that decide parameter shapes and the forward; with `resume`, also those that a checkpoint's
@@ -313,8 +317,7 @@ class TokenStream:
 
 
 def load_validation(hp: Hyperparameters) -> Tensor:
-    tokens = np.concatenate([open_shard(f) for f in shard_files(hp.data_path, "val")])
-    tokens = tokens[:hp.val_max_tokens or None]
+    tokens = np.concatenate([open_shard(f) for f in shard_files(hp.data_path, "val")])[:hp.val_max_tokens or None]
     if len(tokens) <= hp.train_seq_len:  # the standard evaluation scores whole windows only
         raise UserError(f"validation split in {hp.data_path} has {len(tokens)} tokens (VAL_MAX_TOKENS="
                         f"{hp.val_max_tokens}); need at least TRAIN_SEQ_LEN+1 = {hp.train_seq_len + 1}")
@@ -326,8 +329,8 @@ def load_validation(hp: Hyperparameters) -> Tensor:
 def load_tokenizer(hp: Hyperparameters):
     import sentencepiece as spm
     if not os.path.isfile(hp.tokenizer_path):
-        raise UserError(f"TOKENIZER_PATH={hp.tokenizer_path} does not exist "
-                        "(download: ./run.sh data N; 0 = no train shards)")
+        what = "is a folder, not the .model file" if os.path.isdir(hp.tokenizer_path) else "does not exist"
+        raise UserError(f"TOKENIZER_PATH={hp.tokenizer_path} {what} (download: ./run.sh data N; 0 = no train shards)")
     try:
         sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
     except Exception as e:
@@ -396,9 +399,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if fa3 and torch.cuda.get_device_capability(q.device)[0] == 9:
         out = _fa3(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
         return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=q.size(2) != k.size(2))
-    return y.transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                          enable_gqa=q.size(2) != k.size(2)).transpose(1, 2)
 
 
 def rope_angles(hp: Hyperparameters, seq_len: int, device) -> tuple[Tensor, Tensor]:
@@ -467,7 +469,8 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
-        self.ln_c = 1.0 / math.sqrt(i + 1) if hp.ln_scale else 1.0
+        # a tensor, not a float: the compiled blocks of one kind then share one graph (a float is a guarded constant)
+        self.register_buffer("ln_c", torch.tensor(1.0 / math.sqrt(i + 1) if hp.ln_scale else 1.0), persistent=False)
 
     def forward(self, x: Tensor, x0: Tensor, rope, ve: Tensor | None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
@@ -502,8 +505,7 @@ class SmearGate(nn.Module):
     def forward(self, x: Tensor, is_bos: Tensor | None) -> Tensor:
         g = torch.sigmoid(self.gate).to(x.dtype)
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-        if is_bos is not None:
-            prev = prev.masked_fill(is_bos[..., None], 0.0)
+        prev = prev if is_bos is None else prev.masked_fill(is_bos[..., None], 0.0)
         return (1 - g) * x + g * prev
 
 
@@ -543,7 +545,6 @@ class GPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The published init pass, drawing from the RNG in its order after the modules' own draws."""
-        L = self.hp.num_layers
         nn.init.normal_(self.tok_emb.weight, std=self.hp.tied_embed_init_std)
         nn.init.zeros_(self.bigram_emb.embed.weight)
         for name, m in [(n, m) for n, m in self.named_modules() if isinstance(m, nn.Linear)]:
@@ -553,33 +554,41 @@ class GPT(nn.Module):
             elif big:
                 nn.init.orthogonal_(m.weight)
                 if name.endswith(".proj"):  # the BigramHash and value-embedding projections
-                    m.weight.mul_(1.0 / math.sqrt(2 * L))
+                    m.weight.mul_(1.0 / math.sqrt(2 * self.hp.num_layers))
         if self.hp.compat_pr644:  # the published cast round trip: every value bf16-rounded, tok_emb kept in bf16
             for p in self.parameters():
                 p.copy_(p.bfloat16())
             self.tok_emb.bfloat16()
 
     def forward(self, ids: Tensor, targets: Tensor, score_from: int = 0) -> Tensor:
-        """Per-position cross-entropy (float32, (B, T - score_from)) of targets[:, score_from:]."""
-        hp = self.hp
-        is_bos = (ids == 1) if hp.bos_mask else None
-        x = self.tok_emb(ids) + self.bigram_emb(ids, is_bos)
-        x = self.smear_gate(rms(x), is_bos)
+        """Per-position cross-entropy (float32, (B, T - score_from)) of targets[:, score_from:]. The embeddings, each
+        block, the skip mix and the head are the regions that COMPILE=1 compiles one by one (compile_model)."""
+        is_bos = (ids == 1) if self.hp.bos_mask else None
+        x = self.embed(ids, is_bos)
         x0, skips = x, []
-        rope = rope_angles(hp, ids.size(1), ids.device)
+        rope = rope_angles(self.hp, ids.size(1), ids.device)
         ve = self.ve_shared(ids) if self.ve_layers else None
         for i, block in enumerate(self.blocks):
             if i >= self.n_enc and skips:
-                j = i - self.n_enc
-                g = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
-                x = g * x + (1 - g) * (self.skip_weights[j].to(x.dtype) * skips.pop())
+                x = self.skip_mix(x, skips.pop(), self.skip_gates[i - self.n_enc], self.skip_weights[i - self.n_enc])
             k = self.ve_layers.get(i)
             x = block(x, x0, rope, None if k is None else ve * self.ve_layer_scales[k].to(ve.dtype))
             if i < self.n_enc:
                 skips.append(x)
+        return self.head(x, targets, score_from)
+
+    def embed(self, ids: Tensor, is_bos: Tensor | None) -> Tensor:
+        return self.smear_gate(rms(self.tok_emb(ids) + self.bigram_emb(ids, is_bos)), is_bos)
+
+    @staticmethod
+    def skip_mix(x: Tensor, skip: Tensor, gate: Tensor, weight: Tensor) -> Tensor:
+        g = torch.sigmoid(gate).to(x.dtype)
+        return g * x + (1 - g) * (weight.to(x.dtype) * skip)
+
+    def head(self, x: Tensor, targets: Tensor, score_from: int) -> Tensor:
         x = rms(x[:, score_from:])
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
-        logits = hp.logit_softcap * torch.tanh(logits / hp.logit_softcap)
+        logits = self.hp.logit_softcap * torch.tanh(logits / self.hp.logit_softcap)
         tgt = targets[:, score_from:]
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), reduction="none").view(tgt.shape)
 
@@ -607,9 +616,8 @@ def param_roles(model: GPT) -> dict[str, tuple[str, int]]:
         linear = {f"{n}.weight" for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         for n, _ in block.named_parameters():
             roles[f"blocks.{i}.{n}"] = ("block_matrix" if n in linear else "block_vector", i)
-    roles["tok_emb.weight"] = ("embedding", -1)
-    roles["bigram_emb.proj.weight"] = ("bigram_proj", -1)
-    roles["bigram_emb.scale"] = ("frozen", -1)
+    roles |= {"tok_emb.weight": ("embedding", -1), "bigram_emb.proj.weight": ("bigram_proj", -1),
+              "bigram_emb.scale": ("frozen", -1)}
     for n, _ in model.named_parameters():
         if not n.startswith("blocks.") and n not in roles:
             roles[n] = ("global", -1)  # smear gate, skips, bigram table, value embeddings
@@ -684,11 +692,10 @@ def build_optimizers(hp: Hyperparameters, model: GPT) -> list[torch.optim.Optimi
             lr = getattr(hp, lr_knob) * (hp.decoder_lr_mult if dec and block >= model.n_enc else 1.0)
             groups.setdefault((opt, lr), []).append(params[name])
     mk = lambda kind: [dict(params=ps, lr=lr, base_lr=lr) for (o, lr), ps in groups.items() if o == kind]
-    fused = next(model.parameters()).is_cuda
     return [Muon(mk("muon"), hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd, newton_schulz,
                  torch.bfloat16 if hp.compat_pr644 else torch.float32),
             torch.optim.AdamW(mk("adam"), betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
-                              fused=fused)]
+                              fused=next(model.parameters()).is_cuda)]
 
 
 def lr_multiplier(hp: Hyperparameters, step: int, elapsed_ms: float = 0.0, step_ms: float = 0.0) -> float:
@@ -727,10 +734,6 @@ class Runtime:
     run_dir: Path | None = None
     log_file: object = None
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
     @contextlib.contextmanager
     def autocast(self):  # the one place that sets how forwards (training, scoring, TTT) run: AUTOCAST, SDPA_BACKEND
         cudnn = [SDPBackend.CUDNN_ATTENTION] if self.sdpa == "cudnn" else []  # cuDNN's kernel first, or (flash) off
@@ -740,11 +743,10 @@ class Runtime:
             yield
 
     def log(self, msg: str) -> None:
-        if self.main:
+        if self.rank == 0:
             print(msg + "\n", end="", flush=True)  # one write: lines of several processes never interleave
             if self.log_file is not None:
-                self.log_file.write(msg + "\n")
-                self.log_file.flush()
+                print(msg, file=self.log_file, flush=True)
 
 
 def all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
@@ -905,8 +907,7 @@ class Trainer:
         """Untimed priming steps as published (full LR, no clip); then their state is undone, kept grads aside."""
         if self.hp.prime_steps == 0 or self.hp.iterations == 0:
             return
-        saved = self.state()
-        del saved["kept_grads"]
+        saved = {k: v for k, v in self.state().items() if k != "kept_grads"}
         t0 = time.perf_counter()
         for _ in range(self.hp.prime_steps):
             self.train_step(1.0, priming=True)
@@ -926,7 +927,7 @@ class Trainer:
         self.check_finite()  # never write a checkpoint of diverged weights
         d = self.checkpoint_dir()
         final = d / f"ckpt_{self.step:07d}.pt"
-        if self.rt.main:
+        if self.rt.rank == 0:
             d.mkdir(parents=True, exist_ok=True)
             atomic_save(self.state(), final)
             older = [p for p in sorted(d.glob("ckpt_*.pt")) if p.name < final.name][:-1]  # keep final and one more
@@ -1092,7 +1093,6 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
     names = {m: n + ".weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)} | {last: "tok_emb.weight"}
     dims = {k: model.hp.model_dim if m is last else m.in_features for m, k in names.items()}
     H = {k: torch.zeros(d, d, dtype=torch.float64, device=rt.device) for k, d in dims.items()}
-
     seen = {}  # c_q, c_k and c_v read the same input: its product is computed once
 
     def add(mod: nn.Module, inp: tuple, out: Tensor) -> None:  # each batch's x^T x in fp32, the sum in fp64
@@ -1103,7 +1103,7 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
         H[names[mod]] += seen["xtx"]
     hooks = [m.register_forward_hook(add) for m in names]
     for x, y in batches:
-        with rt.autocast():
+        with rt.autocast(), torch.compiler.set_stance("force_eager"):  # the hooks run in compiled blocks' modules
             model(x, y)
     for h in hooks:
         h.remove()
@@ -1172,9 +1172,8 @@ def quantize_state_dict(sd: dict[str, Tensor], quant_embed: bool = True, gptq: d
 
 
 def dequantize_state_dict(obj: dict) -> dict[str, Tensor]:
-    out = {}
-    for name, q in obj["quantized"].items():
-        out[name] = (q.float() * obj["scales"][name].float().view(-1, 1)).to(FLOAT_DTYPES[obj["dtypes"][name]])
+    out = {name: (q.float() * obj["scales"][name].float().view(-1, 1)).to(FLOAT_DTYPES[obj["dtypes"][name]])
+           for name, q in obj["quantized"].items()}
     for name, t in obj["passthrough"].items():
         orig = obj.get("passthrough_orig_dtypes", {}).get(name)
         out[name] = t.to(FLOAT_DTYPES[orig]) if orig else t
@@ -1343,9 +1342,7 @@ def quantize_to_budget(sd: dict[str, Tensor], budget: int, sens: dict[str, Tenso
 def read_artifact(path: str, max_bytes: int = 1 << 30) -> dict:
     """Decompress and load an artifact without executing pickled code; any defect -> UserError."""
     import zstandard
-
-    def bad(why: str):
-        return UserError(f"artifact {path}: {why}")
+    bad = lambda why: UserError(f"artifact {path}: {why}")
     try:
         blob = Path(path).read_bytes()
     except OSError as e:
@@ -1381,8 +1378,7 @@ def read_artifact(path: str, max_bytes: int = 1 << 30) -> dict:
 
 def load_weights(model: GPT, sd: dict[str, Tensor], source: str) -> None:
     """Load a full state dict; on any mismatch list the differing names and shapes."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in sd.items()}
+    want, have = ({k: tuple(v.shape) for k, v in d.items()} for d in (model.state_dict(), sd))
     if want != have:
         diff = [f"{k}: file {have.get(k, 'missing')} vs model {want.get(k, 'absent')}"
                 for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
@@ -1411,14 +1407,11 @@ def plan_windows(n_tokens: int, seq_len: int, stride: int) -> tuple[Tensor, Tens
         return starts, torch.zeros_like(starts)
     last = max(n_targets - seq_len + stride - 1, 0)  # the last start whose scored span begins before the end
     starts = torch.arange(0, last + 1, stride)
-    offs = torch.full_like(starts, seq_len - stride)
-    offs[0] = 0
-    return starts, offs
+    return starts, torch.where(starts > 0, seq_len - stride, 0)  # the first window (start 0) scores all
 
 
 def rank_share(lo: int, hi: int, rt: Runtime) -> tuple[int, int]:
-    n = hi - lo
-    return lo + n * rt.rank // rt.world, lo + n * (rt.rank + 1) // rt.world
+    return lo + (hi - lo) * rt.rank // rt.world, lo + (hi - lo) * (rt.rank + 1) // rt.world
 
 
 @torch.no_grad()
@@ -1459,27 +1452,23 @@ def evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tables, 
 
 def ttt_lr_multiplier(ci: int, n_chunks: int) -> float:
     w = max(n_chunks // 20, 1)
-    if ci < w:
-        return (ci + 1) / w
-    return 0.5 * (1 + math.cos(math.pi * (ci - w) / max(n_chunks - 1 - w, 1)))
+    return (ci + 1) / w if ci < w else 0.5 * (1 + math.cos(math.pi * (ci - w) / max(n_chunks - 1 - w, 1)))
 
 
 def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tables) -> tuple[float, float]:
     """Legal score-first TTT: for each chunk of TTT_CHUNK_TOKENS targets (by each window's first scored
     target), score its windows with the current weights, then (unless last) train on its tokens."""
-    T, C = hp.train_seq_len, hp.ttt_chunk_tokens
-    n_targets = len(val) - 1
+    T, C, n_targets = hp.train_seq_len, hp.ttt_chunk_tokens, len(val) - 1
     starts, offs = plan_windows(len(val), T, hp.eval_stride)
     chunk_of = (starts + offs) // C
     n_chunks = int(chunk_of[-1]) + 1
     bounds = torch.searchsorted(chunk_of, torch.arange(n_chunks + 1)).tolist()
     frozen = [p for b in model.blocks[:hp.ttt_freeze_blocks] for p in b.parameters()]
     trainable = [p for p in model.parameters() if all(p is not q for q in frozen)]
-    n_trainable = sum(p.numel() for p in trainable)
     model.zero_grad(set_to_none=True)  # no gradient left over from training (COMPAT_PR644 keeps one)
     rt.log(f"ttt:start chunks:{n_chunks} windows:{len(starts)} chunk_tokens:{C} stride:{hp.eval_stride} "
            f"lr:{hp.ttt_lr} epochs:{hp.ttt_epochs} freeze_blocks:{hp.ttt_freeze_blocks} "
-           f"params_trainable:{n_trainable} params_frozen:{sum(p.numel() for p in model.parameters()) - n_trainable}")
+           f"params_trainable:{sum(p.numel() for p in trainable)} params_frozen:{sum(p.numel() for p in frozen)}")
     opt = torch.optim.SGD(trainable, lr=0.0, momentum=hp.ttt_momentum)
     meter = BpbMeter(tables, rt.device)
     padded = F.pad(val, (0, T + 1)).to(rt.device)
@@ -1523,8 +1512,7 @@ def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tabl
 
 
 # ---- Main ------------------------------------------------------------------------------------
-# Why: one flow for every mode - dry run, training, eval-only - so the final score always comes from
-# the artifact as read back from disk, never from the float model.
+# Why: one flow for dry run, training and eval-only: the final score always comes from the artifact read back from disk.
 
 
 def setup_runtime(hp: Hyperparameters) -> Runtime:
@@ -1536,12 +1524,10 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
     device = torch.device("cuda", local) if kind == "cuda" else torch.device("cpu")
     if kind == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not hp.dry_run and not dist.is_initialized():  # DRY_RUN=1 WORLD_SIZE=N: N's checks, one process
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo",
-                                **({"device_id": device} if kind == "cuda" else {}))
-    use_compile = hp.compile == "1" or (hp.compile == "auto" and kind == "cuda")
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", device_id=device if kind == "cuda" else None)
+    use_compile = hp.compile in ("1", "graph") or (hp.compile == "auto" and kind == "cuda")
     use_bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and kind == "cuda")
     return Runtime(rank=rank, world=world, device=device, compile=use_compile, bf16=use_bf16, sdpa=hp.sdpa_backend)
 
@@ -1555,7 +1541,7 @@ def open_run_dir(hp: Hyperparameters, rt: Runtime) -> Hyperparameters:
         run_id = box[0]
     hp = dataclasses.replace(hp, run_id=run_id)
     rt.run_dir = Path(hp.runs_dir) / run_id
-    if rt.main:
+    if rt.rank == 0:
         if (rt.run_dir / "train.log").exists() and not hp.resume:
             raise UserError(f"run folder {rt.run_dir} already holds a run; choose another RUN_ID or set RESUME=1")
         rt.run_dir.mkdir(parents=True, exist_ok=True)
@@ -1598,6 +1584,27 @@ def final_evaluation(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, 
     return {"val_loss": loss, "val_bpb": bpb, "pre_ttt_val_bpb": pre_bpb, "eval_time_seconds": round(secs, 1)}
 
 
+def compile_model(hp: Hyperparameters, rt: Runtime, model: GPT) -> None:
+    """rt.compiled = the model, compiled. COMPILE=1: region by region (GPT.forward's embeddings, blocks, skip mix and
+    head), so each kind of block compiles once (a third less compile time); COMPILE=graph: one graph, as published.
+    A graph per region and (batch, score_from, grad mode, frozen set); the run logs the count at its end."""
+    rt.compiled = model
+    if not rt.compile:
+        return
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    cache = Path(hp.compile_cache_dir or Path(hp.runs_dir) / "compile_cache").resolve()
+    rt.log(f"compile_cache: dir:{cache} warm:{int(cache.is_dir() and any(cache.iterdir()))}")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # read by inductor when it first compiles
+    kw = dict(dynamic=False, fullgraph=True)
+    if hp.compile == "graph":
+        rt.compiled = torch.compile(model, **kw)
+        return
+    for block in model.blocks:
+        block.compile(**kw)
+    for name in ("embed", "skip_mix", "head"):  # an instance attribute, in front of the method GPT.forward calls
+        setattr(model, name, torch.compile(getattr(model, name), **kw))
+
+
 def run(hp: Hyperparameters, rt: Runtime) -> int:
     torch.manual_seed(hp.seed)  # the only RNG drawn from (the init); data order is fixed
     tables = byte_tables(load_tokenizer(hp), hp.vocab_size)
@@ -1622,17 +1629,9 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         rt.log(f"data: train_shards:{len(train_files)} train_tokens:{n_train} "
                f"val_tokens:{len(val)} tokenizer:{hp.tokenizer_path}")
         return 0
-    # A graph per (batch, score_from, grad mode, frozen set): training's step, scoring from position 0, sliding
-    # scoring, TTT's step (Newton-Schulz runs uncompiled). The run logs the count at its end.
-    if rt.compile:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-        cache = Path(hp.compile_cache_dir or Path(hp.runs_dir) / "compile_cache").resolve()
-        rt.log(f"compile_cache: dir:{cache} warm:{int(cache.is_dir() and any(cache.iterdir()))}")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # read by inductor when it first compiles
-    rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
+    compile_model(hp, rt, model)
     code_bytes = len(Path(__file__).read_bytes())
-    result = {"bytes_code": code_bytes, "parameters": n_params, "seed": hp.seed, "training_steps": 0,
-              "wallclock_seconds": 0}
+    result = dict(bytes_code=code_bytes, parameters=n_params, seed=hp.seed, training_steps=0, wallclock_seconds=0)
     standard = None
     if hp.eval_only:
         result["bytes_model"] = len(Path(hp.artifact).read_bytes())
@@ -1664,7 +1663,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
             gptq = {"H": collect_hessians(model, calibration_batches(hp, rt, train_files), rt), "damp": hp.gptq_damp}
             rt.log(f"gptq: calib_tokens:{hp.gptq_calib_seqs * hp.train_seq_len} damp:{hp.gptq_damp} "
                    f"time:{time.perf_counter() - t0:.1f}s")
-        if rt.main:
+        if rt.rank == 0:
             t0 = time.perf_counter()
             atomic_save(model.state_dict(), rt.run_dir / "final_model.pt")
             if hp.quant_target_bytes:  # sensitivity from the start of the training stream, never validation
@@ -1672,11 +1671,9 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
                 sens = sensitivity_from_batches(model, [b for _ in range(2) for b in trainer.next_batch()][:4], rt)
                 obj, stats = quantize_to_budget(model.state_dict(), hp.quant_target_bytes - code_bytes, sens,
                                                 hp.quant_embed, rt.log, gptq)
-                blob = stats["blob"]
             else:
                 obj, stats = quantize_state_dict(model.state_dict(), hp.quant_embed, gptq)
-                blob = serialize_artifact(obj)
-            atomic_save(blob, path)
+            atomic_save(stats["blob"] if hp.quant_target_bytes else serialize_artifact(obj), path)
             herr = stats["herr"]  # per GPTQ tensor: tr(dW H dW^T) of its codes and of nearest rounding's
             for name, (g, n) in herr.items():
                 rt.log(f"quant_gptq tensor:{name} hessian_err:{g:.5g} vs_nearest:{g / max(n, 1e-30):.4f}")
@@ -1705,7 +1702,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     if not all(map(math.isfinite, (result["val_bpb"], result["pre_ttt_val_bpb"]))):  # a failure, not a score
         raise UserError(f"the score is not finite: val_bpb {result['val_bpb']} (before TTT "
                         f"{result['pre_ttt_val_bpb']}); no submission.json, the weights are kept in {rt.run_dir}")
-    if rt.main:
+    if rt.rank == 0:
         write_submission(hp, rt, result)
     if rt.world > 1:
         dist.barrier()  # ranks tear down together: gloo can abort a process whose peer has already gone

@@ -2,7 +2,7 @@
 published model, on any machine (no GPU needed); with --traffic, the bytes its kernels move instead.
 
     [knobs in the environment] [PEER_SCRIPT=path/to/the/published/train_gpt.py] \
-        python tests/activation_study.py [B] [--traffic]
+        python tests/activation_study.py [B] [--traffic | --regions]
 
 Both models are traced by torch.compile (dynamo + AOTAutograd) at B sequences of TRAIN_SEQ_LEN under bf16
 autocast, and their joint graphs split by the min-cut partitioner that inductor uses; the forward graph's extra
@@ -13,7 +13,10 @@ compares the graphs, not a GPU's peak: kernels (flash attention) and the allocat
 --traffic compiles one forward and backward with inductor (C++ kernels on a CPU: ~4 minutes per model) and sums, per
 graph, the bytes each kernel reads and writes as inductor's scheduler counts them after fusion: the fused pointwise
 and reduction kernels apart from the matmul and attention kernels. A CPU's fusions are not a GPU's (no Triton), so
-this compares the two models' memory traffic, not a GPU's time."""
+this compares the two models' memory traffic, not a GPU's time.
+
+--regions compares our model's two ways of compiling (COMPILE=1, by regions, against COMPILE=graph) by what their
+forwards keep for the backward, counted per call on real tensors (kept_per_call)."""
 from __future__ import annotations
 
 import importlib.util
@@ -60,6 +63,44 @@ def kept_for_backward(model: torch.nn.Module, loss_of) -> list[torch.Tensor]:
     return kept
 
 
+def kept_per_call(hp: tg.Hyperparameters, model: torch.nn.Module, loss_of, mode: str) -> tuple[int, int]:
+    """Bytes and storages that the forwards of train_gpt.compile_model's graphs (COMPILE=mode: by regions or one graph)
+    keep for the backward, collected at every call (by regions a block's graph runs once per block of its kind), real
+    tensors from AOTAutograd's min-cut partition run as traced. Each storage counts once (x0 is kept by every block
+    that reads it), the weights' not at all (alive anyway); a region's input kept for its backward counts too."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    total, seen = [0, 0], {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+    def backend(gm, inputs):
+        n_user = []
+
+        def partition(joint, joint_inputs, **kw):
+            n_user.append(kw["num_fwd_outputs"])
+            return min_cut_rematerialization_partition(joint, joint_inputs, **kw)
+
+        def forward_graph(g, _):
+            def run(*args):
+                outs = g(*args)
+                for t in outs[n_user[0]:]:
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                        seen.add(t.untyped_storage().data_ptr())
+                        total[0], total[1] = total[0] + t.untyped_storage().nbytes(), total[1] + 1
+                return outs
+            return run
+        return aot_module_simplified(gm, inputs, fw_compiler=forward_graph, bw_compiler=lambda g, _: g,
+                                     partition_fn=partition)
+    torch._dynamo.reset()
+    real = torch.compile
+    rt = tg.Runtime(compile=True)
+    rt.log = lambda msg: None
+    with unittest.mock.patch.object(torch, "compile", lambda fn, **kw: real(fn, backend=backend, **kw)):
+        tg.compile_model(tg.dataclasses.replace(hp, compile=mode, runs_dir="/tmp"), rt, model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_of(rt.compiled).backward()
+    return total[0], total[1]
+
+
 def kernel_traffic(model: torch.nn.Module, loss_of) -> list[dict[str, float]]:
     """Per compiled graph (forward, backward): kernel counts and bytes moved, fused kernels apart from extern ones."""
     import torch._inductor.config as inductor_config
@@ -101,7 +142,7 @@ def peer_model(hp: tg.Hyperparameters, script: str) -> torch.nn.Module:
 
 def main() -> None:
     hp = tg.Hyperparameters.from_env()
-    args = [a for a in sys.argv[1:] if a != "--traffic"]
+    args = [a for a in sys.argv[1:] if a not in ("--traffic", "--regions")]
     B, T = int(args[0]) if args else 2, hp.train_seq_len
     F.rms_norm = rms_norm_as_on_cuda
     torch.manual_seed(hp.seed)
@@ -113,6 +154,15 @@ def main() -> None:
     else:
         print("activation_study model:published not_run:PEER_SCRIPT_unset")
     totals = {}
+    if "--regions" in sys.argv:  # ours by regions (COMPILE=1) against ours as one graph (COMPILE=graph)
+        for mode in ("graph", "1"):
+            nbytes, n = kept_per_call(hp, tg.GPT(hp), models[0][2], mode)
+            totals[mode] = nbytes
+            print(f"activation_study_compile mode:{mode} seqs:{B} seq_len:{T} kept_storages:{n} "
+                  f"kept_mib:{nbytes / 2**20:.1f} at_micro_batch_{hp.micro_batch_seqs}_gib:"
+                  f"{nbytes * hp.micro_batch_seqs / B / 2**30:.2f}")
+        print(f"activation_study_compile ratio_regions_to_graph:{totals['1'] / totals['graph']:.4f}")
+        return
     if "--traffic" in sys.argv:
         for name, model, loss_of in models:
             for graph, g in zip(("forward", "backward"), kernel_traffic(model, loss_of)):

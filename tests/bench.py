@@ -49,9 +49,9 @@ def machine() -> str:
     return f"cpu:{os.cpu_count()}cores threads:{torch.get_num_threads()} torch:{torch.__version__}"
 
 
-def compile_like_a_run(rt, model) -> bool:
-    """rt.compiled as train_gpt.run sets it (COMPILE=auto: compiled on CUDA only); whether it compiled."""
-    rt.compiled = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
+def compile_like_a_run(hp, rt, model) -> bool:
+    """rt.compiled as train_gpt.run sets it (COMPILE=auto: compiled on CUDA only, by regions); whether it compiled."""
+    tg.compile_model(hp, rt, model)
     return rt.compile
 
 
@@ -152,8 +152,8 @@ ATTENTION_KERNELS = ("cudnn_attention", "flash_attention", "efficient_attention"
 def bench_attention(hp, rt, calls_per_step: int, reps: int = 10) -> None:
     """Each SDPA kernel alone on one micro-batch at the run's shapes and dtype (train_gpt.attention: (B, T, H, hd)
     layout, grouped-query heads, causal), forward + backward, eager: ms per call and x calls_per_step (its share
-    of a training step), or why it cannot run here. Seconds, before the model compiles: the attention A/B of a
-    GPU check that runs out of time for the second training bench."""
+    of a training step), or why it cannot run here. Seconds, before the model compiles: the GPU check's attention
+    A/B (its training benches run the kernel SDPA_BACKEND picks)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     B, T, hd = hp.micro_batch_seqs * hp.micro_batch_pieces, hp.train_seq_len, hp.head_dim
     dt, g = torch.bfloat16 if rt.bf16 else torch.float32, torch.Generator(device=rt.device).manual_seed(0)
@@ -189,7 +189,7 @@ def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
         tg.log_header(hp, rt)  # the knobs, versions and the attention kernel torch picks (its `device:` line)
         torch.manual_seed(hp.seed)
         model = tg.GPT(hp).to(rt.device)
-        use_compile = compile_like_a_run(rt, model)
+        use_compile = compile_like_a_run(hp, rt, model)
         trainer = tg.Trainer(hp, rt, model, tg.TokenStream(tg.shard_files(hp.data_path, "train")))
         bench_attention(hp, rt, hp.num_layers * (trainer.accum // trainer.pieces))
         print(f"bench_train_start machine:{machine()} compile:{use_compile} prime_steps:{max(hp.prime_steps, 2)} "
@@ -220,6 +220,7 @@ def bench_train(steps: int = int(os.environ.get("BENCH_STEPS", "20"))) -> None:
             memory_step(trainer)
 
 
+@torch.compiler.set_stance("force_eager")  # eager as the published TTT, where compile_model compiled regions
 def straightforward_ttt(hp, rt, model, val: torch.Tensor, tables) -> tuple[float, float]:
     """The same protocol written plainly: per-window slices, full logits for every position, then the
     scored targets picked out; training as in the seed. The reference our TTT is timed against (forwards
@@ -306,7 +307,7 @@ def bench_ttt() -> None:
             if p.ndim == 2:
                 p.normal_(0, 0.5 / math.sqrt(p.size(1)))
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    use_compile = compile_like_a_run(rt, model)
+    use_compile = compile_like_a_run(hp, rt, model)
     use_ref = os.environ.get("BENCH_REF", "1") == "1"
     t0 = time.perf_counter()  # warm-up on two chunks, both ways: first-call costs (and compilation) not timed
     head = val[:2 * hp.ttt_chunk_tokens + 1]

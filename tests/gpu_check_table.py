@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 
-STEPS = ("bench_train", "bench_peer", "bench_ttt", "pipeline", "eval_only", "bench_train_alt")
+STEPS = ("bench_train", "bench_peer", "bench_ttt", "pipeline", "eval_only", "bench_train_graph")
 TOP = 20  # kernels of the profile
 HOLDERS = 8  # places that hold the peak memory
 ATTENTION_KERNELS = ("cudnn_attention", "flash_attention", "efficient_attention")  # as tests/bench.py names them
@@ -74,16 +74,16 @@ def table(text: str) -> str:
             ("compile + priming (s)", "bench_train_primed", "compile_and_priming_s", "bench_peer",
              "compile_and_priming_s", "bench_train")):
         rows.append(compared(label, step, value(step, prefix, key), value("bench_peer", peer_prefix, peer_key)))
-    for step, label in (("bench_train", "attention kernel (SDPA_BACKEND)"),
-                        ("bench_train_alt", "other attention kernel (SDPA_BACKEND)")):
-        dev = [dict(re.findall(r"(\w+):(\S+)", l)) for l in out.get(step, []) if l.startswith("device:")]
-        dev = dev[-1] if dev and "attention" in dev[-1] else None
-        rows.append(ours_only(label, f"{dev['attention']} ({dev['sdpa_backend']})" if dev else why(step)))
-    alt, base = fields(out.get("bench_train_alt", []), "bench_train"), fields(out.get("bench_train", []), "bench_train")
-    speed = f" ({float(alt['tok_s']) / float(base['tok_s']):.2f}x step 1's tokens/s)" if alt and base else ""
-    rows.append(ours_only("other attention kernel: step ms, tokens/s, peak memory (MiB)",
-                          f"{alt['step_ms']}, {alt['tok_s']}{speed}, {alt['peak_mem_mib']}" if alt
-                          else why("bench_train_alt")))
+    dev = [dict(re.findall(r"(\w+):(\S+)", l)) for l in out.get("bench_train", []) if l.startswith("device:")]
+    dev = dev[-1] if dev and "attention" in dev[-1] else None
+    rows.append(ours_only("attention kernel (SDPA_BACKEND)",
+                          f"{dev['attention']} ({dev['sdpa_backend']})" if dev else why("bench_train")))
+    graph, primed = (fields(out.get("bench_train_graph", []), p) for p in ("bench_train", "bench_train_primed"))
+    one = fields(out.get("bench_train", []), "bench_train")
+    speed = f" ({float(graph['tok_s']) / float(one['tok_s']):.2f}x step 1's)" if graph and one else ""
+    rows.append(ours_only("one graph (COMPILE=graph): compile + priming (s); step ms; tokens/s; peak memory (MiB)",
+                          f"{primed['compile_and_priming_s'] if primed else '?'}; {graph['step_ms']}; {graph['tok_s']}"
+                          f"{speed}; {graph['peak_mem_mib']}" if graph else why("bench_train_graph")))
     alone = {f.get("kernel"): f for f in (dict(re.findall(r"(\w+):(\S+)", l)) for l in out.get("bench_train", [])
                                           if l.startswith("bench_attention "))}
     for name in ATTENTION_KERNELS:  # each kernel alone at the run's shapes (bench_train, before compiling)

@@ -179,6 +179,8 @@ BAD = [
     (dict(EMA_DECAY="1.5"), ("EMA_DECAY",), "< 1"),                                 # ran on to a NaN score
     (dict(ADAM_EPS="0"), ("ADAM_EPS",), None),                                      # a late "non-finite loss"
     (dict(EVAL_ONLY="1", ARTIFACT=tg.__file__, RESUME="1"), ("RESUME",), "nothing resumes"),
+    (dict(ARTIFACT=tg.__file__), ("ARTIFACT",), "EVAL_ONLY=1"),                    # was ignored: the run trained
+    (dict(QUANT_TARGET_BYTES="60000"), ("QUANT_TARGET_BYTES",), "the code alone"),  # failed only after training
 ]
 
 

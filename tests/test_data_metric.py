@@ -222,6 +222,8 @@ def test_bad_inputs_in_process(tmp_path, corpus):
     with pytest.raises(tg.UserError, match="TOKENIZER_PATH") as info:
         tg.load_tokenizer(tiny_hp(TOKENIZER_PATH=str(garbage)))
     assert str(garbage) in str(info.value)
+    with pytest.raises(tg.UserError, match="is a folder, not the .model file"):  # it said "does not exist"
+        tg.load_tokenizer(tiny_hp(TOKENIZER_PATH=str(tmp_path)))
     assert tg.load_tokenizer(tiny_hp()).vocab_size() == 1024
 
     d = tmp_path / "data[1]"  # a folder name that is also a glob pattern: its shards must still be found

@@ -18,9 +18,9 @@ TINY_CHECK = dict(TINY, NUM_LAYERS="2", VE_LAYERS="1", XSA_LAYERS="1", TTT_FREEZ
                   MICRO_BATCH_SEQS="4", VAL_MAX_TOKENS="3000", COMPILE="0", ITERATIONS="2", WARMDOWN_ITERS="1",
                   PRIME_STEPS="1", BENCH_STEPS="1", RUN_PRIME_STEPS="0", BENCH_TTT_EPOCHS="1", TTT_EPOCHS="1")
 LABELS = ["step bench_train", "step bench_peer", "step bench_ttt", "step pipeline", "step eval_only",
-          "step bench_train_alt", "training step (ms)", "training tokens/s", "training peak memory (MiB)",
-          "compile + priming (s)", "attention kernel (SDPA_BACKEND)", "other attention kernel (SDPA_BACKEND)",
-          "other attention kernel: step ms, tokens/s, peak memory (MiB)"] + \
+          "step bench_train_graph", "training step (ms)", "training tokens/s", "training peak memory (MiB)",
+          "compile + priming (s)", "attention kernel (SDPA_BACKEND)",
+          "one graph (COMPILE=graph): compile + priming (s); step ms; tokens/s; peak memory (MiB)"] + \
     [f"attention alone, {k}: fwd+bwd ms per call; per step" for k in gpu_check_table.ATTENTION_KERNELS] + [
           "TTT s/chunk, 10 epochs (ours steady; published eager, warm-up included)",
           "TTT s/chunk, straightforward reference (eager)", "TTT full split (1,893 chunks), 1 GPU (s)",
@@ -56,7 +56,7 @@ def test_rehearsal_runs_every_step_in_order_and_ends_with_the_full_table(tmp_pat
     assert re.findall(r"^gpu_check:(\w+) start:", log, re.M) == list(gpu_check_table.STEPS)
     rcs = dict(re.findall(r"^gpu_check:(\w+) rc:(\d+)", log, re.M))
     assert rcs == {"bench_train": "0", "bench_peer": "0", "bench_ttt": "124", "pipeline": "0", "eval_only": "0",
-                   "bench_train_alt": "0"}
+                   "bench_train_graph": "0"}
     table = (tmp_path / "gpu_check_table.md").read_text()
     assert table.strip() in r.stdout
     rows = rows_of(table)
@@ -71,11 +71,10 @@ def test_rehearsal_runs_every_step_in_order_and_ends_with_the_full_table(tmp_pat
     assert rows["EVAL_ONLY of its artifact: val_bpb, eval time"][1].startswith(final + ", ")
     assert rows["pipeline (train, artifact, TTT): graphs / graph breaks"][1] == "not compiled"
     assert rows["memory at one step's peak (MiB)"][1] == rows["peak holder 1"][1] == "not run (CUDA only)"
-    # step 1 ran torch's choice (the CPU's flash kernel), so step 6 asked for cuDNN's first: the CPU has no such kernel
+    # step 1 ran torch's choice (the CPU's flash kernel); step 6 the bench again (eager here: COMPILE=0 stays 0)
     assert rows["attention kernel (SDPA_BACKEND)"][1] == "flash_attention (auto)"
-    assert rows["other attention kernel (SDPA_BACKEND)"][1] == "flash_attention (cudnn)"
-    assert re.fullmatch(r"[\d.]+, \d+ \([\d.]+x step 1's tokens/s\), nan",
-                        rows["other attention kernel: step ms, tokens/s, peak memory (MiB)"][1])
+    assert re.fullmatch(r"[\d.]+; [\d.]+; \d+ \([\d.]+x step 1's\); nan",
+                        rows["one graph (COMPILE=graph): compile + priming (s); step ms; tokens/s; peak memory (MiB)"][1])
     # each kernel alone: the CPU runs its flash kernel only; a step calls it 2 layers x 2 forwards (8 sequences by 4)
     alone = {k: rows[f"attention alone, {k}: fwd+bwd ms per call; per step"][1] for k in gpu_check_table.ATTENTION_KERNELS}
     ms, per_step = map(float, alone["flash_attention"].split("; "))
@@ -106,9 +105,10 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
         "compile: graphs:9 graph_breaks:0",
         "final_int6_zstd-22_roundtrip val_loss:4.0 val_bpb:2.5 eval:9000ms", "gpu_check:pipeline rc:0 secs:95",
         "gpu_check:eval_only skipped:budget_spent",
-        "gpu_check:bench_train_alt start:10:05:10 limit:100s", "device:cuda name:NVIDIA H100 80GB HBM3 world_size:1 "
-        "cpu_threads:16 autocast:bf16 attention:flash_attention sdpa_backend:flash",
-        "bench_train machine:x step_ms:750.0 tok_s:1048576 peak_mem_mib:39000", "gpu_check:bench_train_alt rc:0 secs:80"])
+        "gpu_check:bench_train_graph start:10:05:10 limit:100s", "config:COMPILE=graph",
+        "bench_train_primed compile_and_priming_s:95.5",
+        "bench_train machine:x step_ms:750.0 tok_s:1048576 peak_mem_mib:39000",
+        "gpu_check:bench_train_graph rc:0 secs:80"])
     rows = rows_of(gpu_check_table.table(log))
     assert rows["training tokens/s"][1:] == ["1310720", "1048576", "1.25"]
     assert rows["training step (ms)"][3] == "0.80" and rows["training peak memory (MiB)"][3] == "1.67"
@@ -124,9 +124,8 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
     assert rows["peak holder 1"][1] == "24000 MiB: train_gpt.py:866 train_step via compiled code"
     assert rows["peak holder 2"][1] == "—"
     assert rows["attention kernel (SDPA_BACKEND)"][1] == "cudnn_attention (auto)"
-    assert rows["other attention kernel (SDPA_BACKEND)"][1] == "flash_attention (flash)"
-    assert rows["other attention kernel: step ms, tokens/s, peak memory (MiB)"][1] == \
-        "750.0, 1048576 (0.80x step 1's tokens/s), 39000"
+    assert rows["one graph (COMPILE=graph): compile + priming (s); step ms; tokens/s; peak memory (MiB)"][1] == \
+        "95.5; 750.0; 1048576 (0.80x step 1's); 39000"
     assert rows["attention alone, cudnn_attention: fwd+bwd ms per call; per step"][1] == "4.10; 360.8"
     assert rows["attention alone, flash_attention: fwd+bwd ms per call; per step"][1] == "5.00; 440.0"
     assert rows["attention alone, efficient_attention: fwd+bwd ms per call; per step"][1] == "missing in the log"

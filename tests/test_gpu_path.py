@@ -87,8 +87,8 @@ CHUNKS_LINE = re.compile(r"^ttt:start chunks:(\d+) ", re.M)
 def test_compiled_bf16_pipeline_has_no_graph_breaks_and_a_graph_count_independent_of_length(tmp_path):
     """COMPILE=1 AUTOCAST=bf16: train -> artifact -> TTT over 6 chunks; EVAL_ONLY of the artifact prints the
     same final line. Dynamo's counters (logged by the run) show no graph breaks, and EVAL_ONLY compiles the
-    same 3 graphs (scoring from position 0, sliding scoring, the TTT step) for 6 and 10 chunks: a graph per
-    chunk or per validation length would cost minutes per graph on the real split."""
+    same graphs (scoring from position 0, sliding scoring, the TTT step: each by regions) for 6 and 10 chunks: a
+    graph per chunk or per validation length would cost minutes per graph on the real split."""
     backend = os.environ.get("TEST_COMPILE_BACKEND", "aot_eager")
     env = dict(TINY, NUM_LAYERS="2", VE_LAYERS="1", XSA_LAYERS="1", TTT_FREEZE_BLOCKS="1",  # half the tracing
                COMPILE="1", AUTOCAST="bf16", RUNS_DIR=str(tmp_path), TORCH_COMPILE_OVERRIDE_BACKENDS=f">=0:{backend}")
@@ -110,8 +110,11 @@ def test_compiled_bf16_pipeline_has_no_graph_breaks_and_a_graph_count_independen
     print(f"compiled graphs: training run {g_train}; EVAL_ONLY at {lengths[0]} tokens ({chunks[0]} TTT chunks) "
           f"{g_a}, at {lengths[1]} tokens ({chunks[1]} chunks) {g_b}")
     assert b_train == b_a == b_b == 0
-    assert g_a == g_b == 3, "EVAL_ONLY: one graph per scoring variant (score_from 0, sliding) + the TTT step"
-    assert g_train == 4, "training adds its step's graph only: Newton-Schulz runs uncompiled"
+    # COMPILE=1 compiles by regions; here: the embeddings, block 0 (its input is x0 too), block 1, the skip mix (its
+    # input is the skip too), the head. EVAL_ONLY: 5 scoring from position 0, the head again scoring a sliding
+    # window's tail, 5 for TTT's step (block 0 frozen): 11, however many chunks
+    assert g_a == g_b == 11, "EVAL_ONLY: a graph per region and scoring variant (score_from 0, sliding), TTT step"
+    assert g_train == g_a + 5, "training adds its step's 5 regions only: Newton-Schulz runs uncompiled"
 
 
 def test_compile_cache_folder_is_set_up_and_its_warmth_logged(tmp_path, monkeypatch, capsys):
@@ -136,3 +139,48 @@ def test_compile_cache_folder_is_set_up_and_its_warmth_logged(tmp_path, monkeypa
         assert f"\ncompile_cache: dir:{where} warm:{warm}\n" in out, out
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == where
         assert re.search(r"^compile_cache: fx_graph_hits:\d+ misses:\d+ aot_autograd_hits:\d+ misses:\d+$", out, re.M)
+
+
+def compiled_step(monkeypatch, mode: str, layers: int, seed: int = 5):
+    """One bf16 training forward + backward and one scoring forward (score_from 32) of a tiny model compiled by
+    compile_model as COMPILE=mode, through dynamo and AOTAutograd (aot_eager: the traced graphs run as traced);
+    mode "0" is the eager model. Returns the losses, the gradients, the scores and dynamo's graph count."""
+    import torch._dynamo
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    hp = tiny_hp(compile=mode, device="cpu", autocast="bf16", num_layers=layers, xsa_layers=2,
+                 ve_layers=f"{layers - 2},{layers - 1}", runs_dir="unused")
+    rt = tg.setup_runtime(hp)
+    model = tiny_model(seed, NUM_LAYERS=layers, XSA_LAYERS=2, VE_LAYERS=f"{layers - 2},{layers - 1}")
+    with torch.no_grad():  # non-trivial weights everywhere (zero-initialised projections included)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    monkeypatch.setattr(tg.Runtime, "log", lambda self, msg: None)
+    tg.compile_model(hp, rt, model)
+    ids = torch.randint(0, 1024, (2, 128), generator=torch.Generator().manual_seed(seed))
+    with rt.autocast():
+        loss = rt.compiled(ids, ids.roll(-1, 1))
+    loss.mean().backward()
+    with torch.no_grad(), rt.autocast():
+        scores = rt.compiled(ids, ids.roll(-1, 1), 32)
+    monkeypatch.setattr(torch, "compile", real)
+    return loss.detach(), [p.grad for p in model.parameters()], scores, torch._dynamo.utils.counters["stats"][
+        "unique_graphs"]
+
+
+def test_compiling_by_regions_computes_the_eager_model_with_one_graph_per_kind_of_block(monkeypatch):
+    """COMPILE=1 compiles GPT.forward's regions (embeddings, blocks, skip mix, head) one by one: the traced regions
+    compute what the eager model does (training loss and sliding scores bit for bit, as the one-graph COMPILE=graph;
+    the gradients of tok_emb and of what x0 feeds up to float32 rounding, summed from the regions in another order),
+    and blocks of one kind share a graph, so a deeper model compiles no more graphs (the seed's 11 blocks are 4
+    kinds: block 0, whose input is also x0, plain, XSA, XSA + value embeddings)."""
+    eager = compiled_step(monkeypatch, "0", 6)
+    for mode in ("1", "graph"):
+        loss, grads, scores, graphs = compiled_step(monkeypatch, mode, 6)
+        assert torch.equal(loss, eager[0]) and torch.equal(scores, eager[2]), mode
+        worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads, eager[1]))
+        assert worst <= (0.0 if mode == "graph" else 1e-6), (mode, worst)
+        assert graphs == (2 if mode == "graph" else 2 * 7), (mode, graphs)  # training and scoring, each: 1 or 7
+    assert compiled_step(monkeypatch, "1", 10)[3] == 2 * 7, "one graph per kind of block, however many blocks"
