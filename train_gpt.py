@@ -66,7 +66,7 @@ class Hyperparameters:
     tokenizer_path: str = knob("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model of the shards")
     run_id: str = knob("", "run name; outputs go to RUNS_DIR/RUN_ID (default: date + random suffix)")
     runs_dir: str = knob("runs", "parent folder of the run folders")
-    seed: int = knob(42, "seed of the model init and anything random")
+    seed: int = knob(42, "seed of the model init and anything random", lo=-2**63, below=2**64)  # torch's range
     # model
     vocab_size: int = knob(1024, "tokenizer vocabulary size", lo=2)
     num_layers: int = knob(11, "transformer blocks (first half encoder, rest decoder)", lo=1)
@@ -1362,16 +1362,17 @@ def read_artifact(path: str, max_bytes: int = 1 << 30) -> dict:
     if not isinstance(obj, dict) or obj.get("__quant_format__") != QUANT_FORMAT:
         fmt = obj.get("__quant_format__") if isinstance(obj, dict) else type(obj).__name__
         raise bad(f"format {fmt!r}, expected {QUANT_FORMAT!r}")
-    for key in ("quantized", "scales", "dtypes", "passthrough"):
+    obj.setdefault("passthrough_orig_dtypes", {})
+    for key in ("quantized", "scales", "dtypes", "passthrough", "passthrough_orig_dtypes"):
         if not isinstance(obj.get(key), dict):
-            raise bad(f"missing section {key!r}")
+            raise bad(f"section {key!r} missing or not a mapping")
     for name, q in obj["quantized"].items():
         s = obj["scales"].get(name)
         if not (isinstance(q, Tensor) and q.dtype == torch.int8 and q.ndim == 2 and isinstance(s, Tensor)
                 and s.numel() == q.size(0) and obj["dtypes"].get(name) in FLOAT_DTYPES):
             raise bad(f"tensor {name} is malformed")
     for name, t in obj["passthrough"].items():
-        if not isinstance(t, Tensor) or obj.get("passthrough_orig_dtypes", {}).get(name, "float32") not in FLOAT_DTYPES:
+        if not isinstance(t, Tensor) or obj["passthrough_orig_dtypes"].get(name, "float32") not in FLOAT_DTYPES:
             raise bad(f"passthrough {name} is malformed")
     return obj
 
@@ -1384,9 +1385,9 @@ def load_weights(model: GPT, sd: dict[str, Tensor], source: str) -> None:
                 for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
         raise UserError(f"{source} does not match the configured architecture ({len(diff)} tensors differ: "
                         + "; ".join(diff[:8]) + ("; ..." if len(diff) > 8 else "") + ")")
-    with torch.no_grad():  # tensors take the file's dtype (the seed's tok_emb is bf16: its TTT updates it in bf16)
-        for k, v in model.state_dict(keep_vars=True).items():
-            if v.dtype == sd[k].dtype:
+    with torch.no_grad():  # tensors take the file's dtype (the seed's tok_emb is bf16: its TTT updates it in bf16),
+        for k, v in model.state_dict(keep_vars=True).items():  # but float16, which neither script trains in
+            if v.dtype == sd[k].dtype or sd[k].dtype == torch.float16:
                 v.copy_(sd[k])
             else:
                 v.data = sd[k].to(v.device)
@@ -1526,6 +1527,8 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not hp.dry_run and not dist.is_initialized():  # DRY_RUN=1 WORLD_SIZE=N: N's checks, one process
+        if "MASTER_ADDR" not in os.environ:  # a WORLD_SIZE left in the environment, not torchrun
+            raise UserError(f"WORLD_SIZE={world} without torchrun: use torchrun --nproc_per_node={world} train_gpt.py")
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", device_id=device if kind == "cuda" else None)
     use_compile = hp.compile in ("1", "graph") or (hp.compile == "auto" and kind == "cuda")
     use_bf16 = hp.autocast == "bf16" or (hp.autocast == "auto" and kind == "cuda")

@@ -298,6 +298,7 @@ def test_read_artifact_refuses_defective_or_hostile_files(tmp_path, artifact_obj
         "wrong_format": _zstd(_saved(wrong_format)),
         "no_format": _zstd(_saved({k: v for k, v in artifact_obj.items() if k != "__quant_format__"})),
         "malformed_tensor": _zstd(_saved(malformed)),
+        "orig_dtypes_a_list": _zstd(_saved(dict(artifact_obj, passthrough_orig_dtypes=["float32"]))),  # AttributeError
         "raw_pickle_program": _zstd(pickle.dumps(_Payload(marker))),
         "torch_save_program": _zstd(_saved({"__quant_format__": "int6_clean_per_row_v1", "x": _Payload(marker)})),
         "program_in_dict": _zstd(pickle.dumps({"__quant_format__": "int6_clean_per_row_v1", "x": _Payload(marker)})),
@@ -435,6 +436,28 @@ def test_eval_only_architecture_mismatch_names_the_tensors(train_run, tmp_path, 
     for n in names:
         assert n in e.stderr, e.stderr[-2000:]
     assert re.search(r"\(\d+, \d+\)", e.stderr), "the message should show the differing shapes"
+
+
+def test_a_float16_tensor_in_an_artifact_is_cast_to_the_models_dtype(tmp_path):
+    """Neither script trains in float16, so an artifact whose dtypes say float16 (for a quantized matrix or a kept
+    tensor) loads into the model's float32 tensors: before, the model kept float16 weights and its first matmul
+    failed on mixed dtypes (a traceback)."""
+    knobs = dict(MODEL_DIM=256, MLP_HIDDEN=512)  # an MLP matrix big enough to be quantized
+    model = tiny_model(3, **knobs)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    obj, _ = tg.quantize_state_dict(sd)
+    obj["dtypes"]["blocks.0.mlp.up_proj.weight"] = "float16"
+    obj["passthrough_orig_dtypes"]["blocks.0.mlp.scale"] = "float16"
+    path = tmp_path / "float16.ptz"
+    path.write_bytes(tg.serialize_artifact(obj))
+    deq = tg.dequantize_state_dict(tg.read_artifact(str(path)))
+    assert deq["blocks.0.mlp.up_proj.weight"].dtype == deq["blocks.0.mlp.scale"].dtype == torch.float16
+    fresh = tiny_model(4, **knobs)
+    tg.load_weights(fresh, deq, "float16 artifact")
+    assert all(p.dtype == torch.float32 for p in fresh.parameters())
+    assert torch.equal(fresh.blocks[0].mlp.up_proj.weight, deq["blocks.0.mlp.up_proj.weight"].float())
+    ids = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(fresh(ids, ids)).all()
 
 
 def test_seed_style_bf16_embedding_is_kept_in_bf16_through_ttt(tmp_path, corpus):

@@ -179,6 +179,7 @@ BAD = [
     (dict(EMA_DECAY="1.5"), ("EMA_DECAY",), "< 1"),                                 # ran on to a NaN score
     (dict(ADAM_EPS="0"), ("ADAM_EPS",), None),                                      # a late "non-finite loss"
     (dict(EVAL_ONLY="1", ARTIFACT=tg.__file__, RESUME="1"), ("RESUME",), "nothing resumes"),
+    (dict(SEED=str(2**64)), ("SEED",), "< 18446744073709551616"),                  # torch.manual_seed's traceback
     (dict(ARTIFACT=tg.__file__), ("ARTIFACT",), "EVAL_ONLY=1"),                    # was ignored: the run trained
     (dict(QUANT_TARGET_BYTES="60000"), ("QUANT_TARGET_BYTES",), "the code alone"),  # failed only after training
 ]
@@ -260,6 +261,16 @@ def test_what_the_system_refuses_is_one_line_too(cli, monkeypatch, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and "MICRO_BATCH_SEQS" in lines[0] and "during startup" in lines[0], lines
         assert f"{type(err).__name__} during" in lines[0] and str(err).split("\n")[0] in lines[0], lines
+
+
+def test_a_world_size_without_torchrun_is_refused_in_one_line(monkeypatch):
+    """WORLD_SIZE=2 left in the environment of a plain `python train_gpt.py`: torch's rendezvous failed with a
+    traceback (no MASTER_ADDR); now one line says how to launch. DRY_RUN=1 still checks N processes' split."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(tg.UserError, match=r"WORLD_SIZE=2 without torchrun: use torchrun --nproc_per_node=2"):
+        tg.setup_runtime(tg.Hyperparameters(device="cpu"))
+    assert tg.setup_runtime(tg.Hyperparameters(device="cpu", dry_run=True)).world == 2
 
 
 # -- --help ------------------------------------------------------------------------------------------
