@@ -49,10 +49,11 @@ def machine() -> str:
     return f"cpu:{os.cpu_count()}cores threads:{torch.get_num_threads()} torch:{torch.__version__}"
 
 
-def compile_like_a_run(hp, rt, model) -> bool:
-    """rt.compiled as train_gpt.run sets it (COMPILE=auto: compiled on CUDA only, by regions); whether it compiled."""
+def compile_like_a_run(hp, rt, model) -> str:
+    """rt.compiled as train_gpt.run sets it (COMPILE=auto: compiled on CUDA only, by regions); how: off, regions or
+    graph (the log's compile: field)."""
     tg.compile_model(hp, rt, model)
-    return rt.compile
+    return ("graph" if hp.compile == "graph" else "regions") if rt.compile else "off"
 
 
 def peak_mib() -> float:
