@@ -3,8 +3,7 @@
 Builds the model (XSA, SmearGate, BigramHash, partial RoPE, ReLU^2 MLP, U-Net skips, value embeddings), trains it with
 Muon/AdamW + EMA, writes the int6 + zstd-22 artifact and scores it (standard, sliding or legal score-first TTT) in the
 challenge's val_bpb. One file, read top-down, configured only by environment variables (`python train_gpt.py --help`).
-Hard stop: this file stays within 1,800 lines of at most 120 characters.
-"""
+Hard stop: this file stays within 1,800 lines of at most 120 characters."""
 from __future__ import annotations
 
 import contextlib
@@ -908,6 +907,7 @@ class Trainer:
         if self.hp.prime_steps == 0 or self.hp.iterations == 0:
             return
         saved = {k: v for k, v in self.state().items() if k != "kept_grads"}
+        self.rt.log(f"prime: steps:{self.hp.prime_steps} compiling:{int(self.rt.compile)} (up to a minute when cold)")
         t0 = time.perf_counter()
         for _ in range(self.hp.prime_steps):
             self.train_step(1.0, priming=True)
