@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import datetime
 import difflib
-import glob
 import heapq
 import io
 import json
@@ -22,8 +21,6 @@ import shutil
 import signal
 import sys
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +41,7 @@ class UserError(Exception):
 
 
 def knob(default, help: str, lo=None, choices=None, below=None):
-    return field(default=default, metadata={"help": help, "lo": lo, "choices": choices, "below": below})
+    return dataclasses.field(default=default, metadata={"help": help, "lo": lo, "choices": choices, "below": below})
 
 
 # Switches of the seed's script that its logged run left at one value, or that had no effect there.
@@ -58,7 +55,7 @@ SEED_KNOBS = {
                                "QAT_THRESHOLD", "TTT_ADAM_WD")}}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Hyperparameters:
     # paths and run identity
     data_path: str = knob("./data/datasets/fineweb10B_sp1024", "folder with fineweb_{train,val}_*.bin shards")
@@ -180,9 +177,11 @@ class Hyperparameters:
         for name, f in [(n, f) for n, f in names.items() if n in env]:
             raw, typ = env[name].strip(), type(f.default)
             try:
+                raw.encode()  # a byte that is not UTF-8 (decoded by Python as a surrogate) could not be logged
                 val = {"0": False, "1": True, "false": False, "true": True}[raw.lower()] if typ is bool else typ(raw)
-            except (KeyError, ValueError):
-                raise UserError(f"{name}={env[name]!r} is not a valid {typ.__name__}") from None
+            except (KeyError, ValueError) as e:  # UnicodeEncodeError is a ValueError
+                what = "UTF-8 text" if isinstance(e, UnicodeError) else f"a valid {typ.__name__}"
+                raise UserError(f"{name}={env[name]!r} is not {what}") from None
             lo, choices, below = f.metadata["lo"], f.metadata["choices"], f.metadata["below"]
             out = (lo is not None and val < lo) or (below is not None and val >= below)
             if out or (typ is float and not math.isfinite(val)):
@@ -279,7 +278,7 @@ def open_shard(path: str) -> np.ndarray:
 def shard_files(data_path: str, split: str) -> list[str]:
     if not os.path.isdir(data_path):
         raise UserError(f"DATA_PATH={data_path} is not a directory (download: ./run.sh data N; 0 = no train shards)")
-    files = sorted(glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin")))
+    files = sorted(str(p) for p in Path(data_path).glob(f"fineweb_{split}_*.bin"))
     if not files:
         raise UserError(f"no fineweb_{split}_*.bin shards in DATA_PATH={data_path}")
     return files
@@ -527,13 +526,12 @@ class GPT(nn.Module):
         super().__init__()
         self.hp = hp
         d, L = hp.model_dim, hp.num_layers
-        self.n_enc = L // 2
-        n_skip = min(self.n_enc, L - self.n_enc)
+        self.n_enc = L // 2  # encoder blocks; each feeds a skip into a decoder block (there are as many or one more)
         self.tok_emb = nn.Embedding(hp.vocab_size, d)
         self.bigram_emb = BigramHash(hp)
         self.smear_gate = SmearGate(d)
-        self.skip_weights = nn.Parameter(torch.ones(n_skip, d))
-        self.skip_gates = nn.Parameter(torch.zeros(n_skip, d))
+        self.skip_weights = nn.Parameter(torch.ones(self.n_enc, d))
+        self.skip_gates = nn.Parameter(torch.zeros(self.n_enc, d))
         self.blocks = nn.ModuleList(Block(hp, i) for i in range(L))
         self.ve_layers = {layer: k for k, layer in enumerate(hp.ve_layer_list)}
         if self.ve_layers:
@@ -720,7 +718,7 @@ def muon_momentum(hp: Hyperparameters, step: int) -> float:
 # EMA, data position, RNG) is one dict, used for checkpoints and for undoing the compile priming.
 
 
-@dataclass
+@dataclasses.dataclass
 class Runtime:
     """Process-level facts: distributed rank, device, compilation, autocast, the compiled forward and the log."""
     rank: int = 0
@@ -763,7 +761,7 @@ class Stopped(BaseException):  # not an Exception: no `except Exception` on its 
     """A stop signal ended the run: args (signum, the line already logged or None); exit status 128 + signum."""
 
 
-@dataclass
+@dataclasses.dataclass
 class StopSignal:
     """SIGTERM / SIGUSR1 (a scheduler's preemption; torchrun passes SIGTERM on, kills 30 s later): noted in training
     (the loop stops at a step boundary with a checkpoint), else it ends the run at once (files go tmp + rename)."""
@@ -1366,13 +1364,15 @@ def read_artifact(path: str, max_bytes: int = 1 << 30) -> dict:
     for key in ("quantized", "scales", "dtypes", "passthrough", "passthrough_orig_dtypes"):
         if not isinstance(obj.get(key), dict):
             raise bad(f"section {key!r} missing or not a mapping")
+    ok = lambda name, t, dtypes=FLOAT_DTYPES.values(): isinstance(name, str) and isinstance(t, Tensor) \
+        and t.dtype in dtypes and t.layout == torch.strided  # not sparse, no integer weights: they'd fail later
     for name, q in obj["quantized"].items():
         s = obj["scales"].get(name)
-        if not (isinstance(q, Tensor) and q.dtype == torch.int8 and q.ndim == 2 and isinstance(s, Tensor)
+        if not (ok(name, q, (torch.int8,)) and q.ndim == 2 and ok(name, s)
                 and s.numel() == q.size(0) and obj["dtypes"].get(name) in FLOAT_DTYPES):
             raise bad(f"tensor {name} is malformed")
     for name, t in obj["passthrough"].items():
-        if not isinstance(t, Tensor) or obj["passthrough_orig_dtypes"].get(name, "float32") not in FLOAT_DTYPES:
+        if not ok(name, t) or obj["passthrough_orig_dtypes"].get(name, "float32") not in FLOAT_DTYPES:
             raise bad(f"passthrough {name} is malformed")
     return obj
 
@@ -1489,10 +1489,8 @@ def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tabl
                 for b in range(0, n_seq, hp.ttt_batch_seqs):
                     nb = min(hp.ttt_batch_seqs, n_seq - b)
                     s_lo, s_hi = rank_share(b, b + nb, rt)
-                    if s_hi > s_lo:
-                        idx = c0 + torch.arange(s_lo, s_hi, device=rt.device)[:, None] * T + \
-                            torch.arange(T + 1, device=rt.device)
-                        tok = padded[idx]
+                    if s_hi > s_lo:  # sequences of T + 1 tokens, each starting where the last one's targets end
+                        tok = padded[c0 + s_lo * T:c0 + s_hi * T + 1].unfold(0, T + 1, T)
                         with rt.autocast():
                             loss = rt.compiled(tok[:, :-1], tok[:, 1:]).sum() * (rt.world / (nb * T))
                         loss.backward()
@@ -1517,8 +1515,10 @@ def ttt_evaluate(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, tabl
 
 
 def setup_runtime(hp: Hyperparameters) -> Runtime:
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    env = [os.environ.get(k, d) for k, d in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"))]
+    if not all(v.isdecimal() for v in env) or int(env[1]) >= int(env[0]):
+        raise UserError(f"WORLD_SIZE={env[0]} RANK={env[1]} LOCAL_RANK={env[2]}: need whole numbers, RANK < WORLD_SIZE")
+    world, rank, local = map(int, env)
     kind = hp.device if hp.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError("DEVICE=cuda but no CUDA device is visible")
@@ -1537,7 +1537,7 @@ def setup_runtime(hp: Hyperparameters) -> Runtime:
 
 def open_run_dir(hp: Hyperparameters, rt: Runtime) -> Hyperparameters:
     """RUNS_DIR/RUN_ID, created fresh (or reused by RESUME=1); one RUN_ID shared by all ranks."""
-    run_id = hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
+    run_id = hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{os.urandom(3).hex()}"
     if rt.world > 1:
         box = [run_id]
         dist.broadcast_object_list(box, src=0)
@@ -1773,7 +1773,7 @@ def main() -> int:
         if STOP.signum:  # e.g. a collective broken by a peer that stopped first
             return report_stop(rt, STOP.signum, None, hp.checkpoint_dir if hp else "")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here torchrun's SIGTERM ends a waiting rank quietly
-        rank = int(os.environ.get("RANK", "0"))
+        rank = rt.rank if rt else 0  # before the runtime every rank has the same error (the config's)
         if not reports_error(rank):
             time.sleep(60)  # the reporting rank may still be printing: torchrun stops this process when it exits
             return 2

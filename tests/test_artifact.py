@@ -287,8 +287,21 @@ def test_read_artifact_refuses_defective_or_hostile_files(tmp_path, artifact_obj
     wrong_format = dict(artifact_obj, __quant_format__="int8_clean_per_row_v1")
     malformed = dict(artifact_obj, quantized={**artifact_obj["quantized"],
                                               "tok_emb.weight": artifact_obj["quantized"]["tok_emb.weight"].float()})
+    pt, q = artifact_obj["passthrough"], artifact_obj["quantized"]
+    k, kq = next(iter(pt)), next(iter(q))
     cases = {
         "truncated": good[: len(good) // 2],
+        # each of these three loaded and failed later with a traceback (a sort of mixed keys, a copy_ from sparse,
+        # an integer parameter); a sparse or integer int6 tensor, a number as a tensor's name likewise
+        "number_as_name": _zstd(_saved(dict(artifact_obj, passthrough={**pt, 5: torch.zeros(3)}))),
+        "sparse_passthrough": _zstd(_saved(dict(artifact_obj, passthrough={**pt, k: pt[k].to_sparse()}))),
+        "integer_passthrough": _zstd(_saved(dict(artifact_obj, passthrough={**pt, k: pt[k].long()}))),
+        "sparse_codes": _zstd(_saved(dict(artifact_obj, quantized={**q, kq: q[kq].to_sparse()}))),
+        "integer_scales": _zstd(_saved(dict(artifact_obj, scales={**artifact_obj["scales"],
+                                                                   kq: artifact_obj["scales"][kq].long()}))),
+        "number_as_int6_name": _zstd(_saved(dict(artifact_obj, quantized={**q, 7: q[kq]},
+                                                 scales={**artifact_obj["scales"], 7: artifact_obj["scales"][kq]},
+                                                 dtypes={**artifact_obj["dtypes"], 7: "float32"}))),
         "random": torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0),
                                 dtype=torch.uint8).numpy().tobytes(),
         "empty": b"",

@@ -182,6 +182,9 @@ BAD = [
     (dict(SEED=str(2**64)), ("SEED",), "< 18446744073709551616"),                  # torch.manual_seed's traceback
     (dict(ARTIFACT=tg.__file__), ("ARTIFACT",), "EVAL_ONLY=1"),                    # was ignored: the run trained
     (dict(QUANT_TARGET_BYTES="60000"), ("QUANT_TARGET_BYTES",), "the code alone"),  # failed only after training
+    (dict(SUBMISSION_AUTHOR="Jos\udce9"), ("SUBMISSION_AUTHOR",), "not UTF-8"),  # a Latin-1 byte: failed in the log
+    (dict(DATA_PATH="/data/caf\udce9"), ("DATA_PATH",), "not UTF-8"),
+    (dict(NUM_LAYERS="x"), ("NUM_LAYERS",), "not a valid int"),
 ]
 
 
@@ -271,6 +274,23 @@ def test_a_world_size_without_torchrun_is_refused_in_one_line(monkeypatch):
     with pytest.raises(tg.UserError, match=r"WORLD_SIZE=2 without torchrun: use torchrun --nproc_per_node=2"):
         tg.setup_runtime(tg.Hyperparameters(device="cpu"))
     assert tg.setup_runtime(tg.Hyperparameters(device="cpu", dry_run=True)).world == 2
+
+
+@pytest.mark.parametrize("env", [dict(WORLD_SIZE="abc"), dict(WORLD_SIZE="0"), dict(RANK="x"), dict(RANK="-1"),
+                                 dict(WORLD_SIZE="2", RANK="2"), dict(LOCAL_RANK="1.5")])
+def test_malformed_torchrun_variables_are_one_line(env, monkeypatch, capsys):
+    """WORLD_SIZE, RANK and LOCAL_RANK are torchrun's, not knobs: int() raised a traceback on a malformed one, and
+    with RANK malformed the error handler itself raised again. Now one line names the three values, exit 2."""
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(tg.Hyperparameters, "from_env", lambda env=None: tg.Hyperparameters(device="cpu"))
+    monkeypatch.setattr(tg, "reports_error", lambda rank: True)  # no grace period to wait for
+    assert tg.main() == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: WORLD_SIZE=") and "RANK < WORLD_SIZE" in lines[0], lines
+    assert all(f"{k}={v}" in lines[0] for k, v in env.items()), lines
 
 
 # -- --help ------------------------------------------------------------------------------------------
