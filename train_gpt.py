@@ -935,15 +935,15 @@ class Trainer:
         return final
 
     def resume(self) -> None:
-        d = self.checkpoint_dir()
+        d, now = self.checkpoint_dir(), self.hp.model_signature(True)
         for path in sorted(d.glob("ckpt_*.pt"), reverse=True):
             try:
                 st = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+                theirs = json.loads(st["signature"])  # none: not a checkpoint of this script
             except Exception as e:
                 self.rt.log(f"checkpoint:{path} unreadable ({type(e).__name__}), trying an older one")
                 continue
-            if st.get("signature") != json.dumps(self.hp.model_signature(True), sort_keys=True):
-                theirs, now = json.loads(st.get("signature", "{}")), self.hp.model_signature(True)
+            if theirs != now:
                 diff = ", ".join(f"{k.upper()}={theirs.get(k)} in checkpoint vs {now[k]} now" for k in now
                                  if theirs.get(k) != now[k])
                 raise UserError(f"cannot resume from {path}: config differs ({diff}); set the checkpoint's values")

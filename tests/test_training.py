@@ -268,8 +268,9 @@ def test_sigkill_then_resume_equals_uninterrupted(run_a, runs):
 # ---------------------------------------------------------------------------------------------- 2. unreadable checkpoint
 
 def test_truncated_newest_checkpoint_is_skipped(run_a, runs):
-    """Deterministic resume: A's checkpoints with the newest (step 16) truncated. The resume names it unreadable,
-    continues from step 12 and trains steps 13..16 to exactly A's result."""
+    """Deterministic resume: A's checkpoints with the newest (step 16) truncated, and a newer file of that name
+    that is no checkpoint of this script (a bare state dict: it was refused as 'config differs', every knob None).
+    The resume names both unreadable, continues from step 12 and trains steps 13..16 to exactly A's result."""
     a_dir, _ = run_a
     ck = copy_checkpoints(a_dir, runs / "c")
     bad = ck / "ckpt_0000016.pt"
@@ -277,7 +278,9 @@ def test_truncated_newest_checkpoint_is_skipped(run_a, runs):
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(Exception):
         load_ckpt(bad)  # the damage is real
+    torch.save({"tok_emb.weight": torch.zeros(4, 2)}, ck / "ckpt_0000020.pt")
     r = ok(run_script({**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "c", "RESUME": "1"}))
+    assert re.search(r"^checkpoint:\S+ckpt_0000020\.pt unreadable \(KeyError\)", r.stdout, re.M), r.stdout[-2000:]
     assert re.search(r"^checkpoint:\S+ckpt_0000016\.pt unreadable", r.stdout, re.M), r.stdout[-2000:]
     assert re.search(r"^resume:\S+ckpt_0000012\.pt step:12$", r.stdout, re.M), r.stdout[-2000:]
     # it trained the 4 missing steps (step 16 logs a train line and writes a checkpoint again)
