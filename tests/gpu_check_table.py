@@ -41,6 +41,36 @@ def fields(lines: list[str], prefix: str) -> dict[str, str] | None:
     return dict(re.findall(r"(\w+):(\S+)", found[-1])) if found else None
 
 
+def goals(num, why, out: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """Issue 19's goals 1-3 read off the measured rows: met, NOT met (with the numbers), or why not measured."""
+    def verdict(ok: bool, detail: str) -> str:
+        return f"{'met' if ok else 'NOT met'} ({detail})"
+
+    def missing(*pairs) -> str:  # (step, number): the first step whose number is missing says why
+        step = next(s for s, v in pairs if v is None)
+        return "not measured: " + ("published script not run" if step == "bench_peer" else f"{step} {why(step)}")
+
+    tok, ptok = num("bench_train", "bench_train", "tok_s"), num("bench_peer", "bench_peer", "tok_s")
+    mem, pmem = num("bench_train", "bench_train", "peak_mem_mib"), num("bench_peer", "bench_peer", "peak_mem_mib")
+    pairs = (("bench_train", tok), ("bench_peer", ptok), ("bench_train", mem), ("bench_peer", pmem))
+    one = verdict(tok / ptok >= 1.25 and mem <= pmem, f"tokens/s {tok / ptok:.2f}x, peak memory {mem / pmem:.2f}x") \
+        if all(v is not None for _, v in pairs) else missing(*pairs)
+    ttt, pttt = (num("bench_ttt", "bench_ttt_extrapolation", "ours_s_per_chunk"),
+                 num("bench_peer", "bench_peer_ttt", "s_per_chunk"))
+    two = verdict(ttt / pttt <= 0.5, f"{ttt / pttt:.2f}x the published seconds per chunk") \
+        if ttt is not None and pttt is not None else missing(("bench_ttt", ttt), ("bench_peer", pttt))
+    primed = num("bench_train", "bench_train_primed", "compile_and_priming_s")
+    hits = [dict(re.findall(r"(\w+):(\S+)", l)) for l in out.get("eval_only", []) if " fx_graph_hits:" in l]
+    if primed is None or not hits:
+        three = missing(("bench_train", primed), ("eval_only", None))
+    else:
+        h, m = int(hits[-1]["fx_graph_hits"]), int(hits[-1]["misses"])
+        three = verdict(primed <= 40 and h > 0 and m == 0, f"{primed:.1f} s; EVAL_ONLY FX graph hits {h}, misses {m}")
+    return [("goal 1: training tokens/s >= 1.25x published, peak memory <= published", one),
+            ("goal 2: TTT s/chunk <= 0.5x published", two),
+            ("goal 3: compile + priming <= 40 s, EVAL_ONLY reuses the compiled code", three)]
+
+
 def table(text: str) -> str:
     out, status = sections(text)
 
@@ -65,8 +95,15 @@ def table(text: str) -> str:
     def ours_only(label: str, cell: str) -> str:
         return f"| {label} | {cell} | | |"
 
+    def num(step: str, prefix: str, key: str) -> float | None:
+        try:
+            return float(value(step, prefix, key))
+        except (TypeError, ValueError):
+            return None
+
     rows = ["| check | train_gpt.py | published script | ours / published |", "|---|---|---|---|"]
     rows += [ours_only(f"step {s}", status.get(s, "not run")) for s in STEPS]
+    rows += [ours_only(label, cell) for label, cell in goals(num, why, out)]
     for label, prefix, key, peer_prefix, peer_key, step in (
             ("training step (ms)", "bench_train", "step_ms", "bench_peer", "step_ms", "bench_train"),
             ("training tokens/s", "bench_train", "tok_s", "bench_peer", "tok_s", "bench_train"),

@@ -18,7 +18,9 @@ TINY_CHECK = dict(TINY, NUM_LAYERS="2", VE_LAYERS="1", XSA_LAYERS="1", TTT_FREEZ
                   MICRO_BATCH_SEQS="4", VAL_MAX_TOKENS="3000", COMPILE="0", ITERATIONS="2", WARMDOWN_ITERS="1",
                   PRIME_STEPS="1", BENCH_STEPS="1", RUN_PRIME_STEPS="0", BENCH_TTT_EPOCHS="1", TTT_EPOCHS="1")
 LABELS = ["step bench_train", "step bench_peer", "step bench_ttt", "step pipeline", "step eval_only",
-          "step bench_train_graph", "training step (ms)", "training tokens/s", "training peak memory (MiB)",
+          "step bench_train_graph", "goal 1: training tokens/s >= 1.25x published, peak memory <= published",
+          "goal 2: TTT s/chunk <= 0.5x published",
+          "goal 3: compile + priming <= 40 s, EVAL_ONLY reuses the compiled code", "training step (ms)", "training tokens/s", "training peak memory (MiB)",
           "compile + priming (s)", "attention kernel (SDPA_BACKEND)",
           "one graph (COMPILE=graph): compile + priming (s); step ms; tokens/s; peak memory (MiB)"] + \
     [f"attention alone, {k}: fwd+bwd ms per call; per step" for k in gpu_check_table.ATTENTION_KERNELS] + [
@@ -32,6 +34,7 @@ LABELS = ["step bench_train", "step bench_peer", "step bench_ttt", "step pipelin
           "memory held between steps (MiB): all (weights, optimizer state, EMA)", "memory at one step's peak (MiB)"] + \
     [f"peak holder {i}" for i in range(1, 9)] + [f"kernel {i}" for i in range(1, 21)]
 TTT_LABELS = [l for l in LABELS if l.startswith("TTT")]
+GOAL_LABELS = [l for l in LABELS if l.startswith("goal ")]
 
 
 def rows_of(table: str) -> dict[str, list[str]]:
@@ -61,6 +64,8 @@ def test_rehearsal_runs_every_step_in_order_and_ends_with_the_full_table(tmp_pat
     assert table.strip() in r.stdout
     rows = rows_of(table)
     assert rows["step bench_ttt"][1].startswith("timed out") and rows["step pipeline"][1].startswith("ok")
+    assert rows[GOAL_LABELS[0]][1] == "not measured: published script not run"
+    assert rows[GOAL_LABELS[1]][1].startswith("not measured: bench_ttt timed out after ")
     for label in ("training step (ms)", "training tokens/s", "compile + priming (s)", TTT_LABELS[0]):
         assert rows[label][2] == "not run (PEER_SCRIPT unset)" and rows[label][3] == "", rows[label]
     assert float(rows["training step (ms)"][1]) > 0 and float(rows["training tokens/s"][1]) > 0
@@ -129,6 +134,34 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
     assert rows["attention alone, cudnn_attention: fwd+bwd ms per call; per step"][1] == "4.10; 360.8"
     assert rows["attention alone, flash_attention: fwd+bwd ms per call; per step"][1] == "5.00; 440.0"
     assert rows["attention alone, efficient_attention: fwd+bwd ms per call; per step"][1] == "missing in the log"
+    assert [rows[l][1] for l in GOAL_LABELS] == ["NOT met (tokens/s 1.25x, peak memory 1.67x)",
+                                                 "not measured: bench_ttt failed (rc 1) after 20 s",
+                                                 "not measured: eval_only skipped (budget spent)"]
+
+
+def test_goals_are_read_off_the_measured_rows():
+    """Issue 19's goals: tokens/s >= 1.25x and peak <= the published script's, TTT <= 0.5x its seconds per chunk,
+    compile + priming <= 40 s with EVAL_ONLY finding every graph in the cache; each just met or just missed."""
+    def log(tok=1250000, peak=24000, ttt="0.650", primed="40.0", misses=0):
+        return "\n".join([
+            "gpu_check:bench_train start:1 limit:110s", f"bench_train_primed compile_and_priming_s:{primed}",
+            f"bench_train machine:x step_ms:600.0 tok_s:{tok} peak_mem_mib:{peak}", "gpu_check:bench_train rc:0 secs:9",
+            "gpu_check:bench_peer start:1 limit:100s", "bench_peer machine:x step_ms:750.0 tok_s:1000000 "
+            "peak_mem_mib:24000 compile_and_priming_s:60.0 steps:10", "bench_peer_ttt chunks:2 epochs:10 ttt_s:2.60 "
+            "s_per_chunk:1.300 (eager)", "gpu_check:bench_peer rc:0 secs:9",
+            "gpu_check:bench_ttt start:1 limit:90s", f"bench_ttt_extrapolation ours_s_per_chunk:{ttt}",
+            "gpu_check:bench_ttt rc:0 secs:9", "gpu_check:eval_only start:1 limit:50s",
+            f"compile_cache: fx_graph_hits:11 misses:{misses} aot_autograd_hits:11 misses:{misses}",
+            "gpu_check:eval_only rc:0 secs:9"])
+    met = [rows_of(gpu_check_table.table(log()))[l][1] for l in GOAL_LABELS]
+    assert met == ["met (tokens/s 1.25x, peak memory 1.00x)", "met (0.50x the published seconds per chunk)",
+                   "met (40.0 s; EVAL_ONLY FX graph hits 11, misses 0)"], met
+    missed = [rows_of(gpu_check_table.table(log(1249000, 24001, "0.651", "40.1", 1)))[l][1] for l in GOAL_LABELS]
+    assert all(m.startswith("NOT met (") for m in missed), missed
+    for kw in (dict(tok=1249000), dict(peak=24001)):
+        assert rows_of(gpu_check_table.table(log(**kw)))[GOAL_LABELS[0]][1].startswith("NOT met"), kw
+    for kw in (dict(primed="40.1"), dict(misses=1)):
+        assert rows_of(gpu_check_table.table(log(**kw)))[GOAL_LABELS[2]][1].startswith("NOT met"), kw
 
 
 FAKE_PEER = '''import json, os
