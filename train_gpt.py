@@ -1633,11 +1633,11 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
                f"val_tokens:{len(val)} tokenizer:{hp.tokenizer_path}")
         return 0
     compile_model(hp, rt, model)
-    code_bytes = len(Path(__file__).read_bytes())
+    code_bytes = os.path.getsize(__file__)
     result = dict(bytes_code=code_bytes, parameters=n_params, seed=hp.seed, training_steps=0, wallclock_seconds=0)
     standard = None
     if hp.eval_only:
-        result["bytes_model"] = len(Path(hp.artifact).read_bytes())
+        result["bytes_model"] = os.path.getsize(hp.artifact)
         rt.log(f"eval_only artifact:{hp.artifact} bytes:{result['bytes_model']}")
     else:
         trainer = Trainer(hp, rt, model, stream)
