@@ -1347,7 +1347,7 @@ def read_artifact(path: str, max_bytes: int = 1 << 30) -> dict:
         raise bad(f"cannot read ({e.strerror})") from None
     try:
         params = zstandard.get_frame_parameters(blob)
-        if params.content_size > max_bytes:
+        if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and params.content_size > max_bytes:  # CLI: unknown
             raise bad(f"declares {params.content_size} decompressed bytes (limit {max_bytes})")
         raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=max_bytes)
     except zstandard.ZstdError as e:
@@ -1365,7 +1365,7 @@ def read_artifact(path: str, max_bytes: int = 1 << 30) -> dict:
         if not isinstance(obj.get(key), dict):
             raise bad(f"section {key!r} missing or not a mapping")
     ok = lambda name, t, dtypes=FLOAT_DTYPES.values(): isinstance(name, str) and isinstance(t, Tensor) \
-        and t.dtype in dtypes and t.layout == torch.strided  # not sparse, no integer weights: they'd fail later
+        and t.dtype in dtypes and t.layout == torch.strided and t.device.type == "cpu"  # dense, in memory
     for name, q in obj["quantized"].items():
         s = obj["scales"].get(name)
         if not (ok(name, q, (torch.int8,)) and q.ndim == 2 and ok(name, s)
@@ -1385,9 +1385,9 @@ def load_weights(model: GPT, sd: dict[str, Tensor], source: str) -> None:
                 for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
         raise UserError(f"{source} does not match the configured architecture ({len(diff)} tensors differ: "
                         + "; ".join(diff[:8]) + ("; ..." if len(diff) > 8 else "") + ")")
-    with torch.no_grad():  # tensors take the file's dtype (the seed's tok_emb is bf16: its TTT updates it in bf16),
-        for k, v in model.state_dict(keep_vars=True).items():  # but float16, which neither script trains in
-            if v.dtype == sd[k].dtype or sd[k].dtype == torch.float16:
+    with torch.no_grad():  # tok_emb keeps the file's float32 or bf16 (the seed's is bf16: its TTT updates it in bf16);
+        for k, v in model.state_dict(keep_vars=True).items():  # the rest take the model's (a bf16 matmul fails in fp32)
+            if v.dtype == sd[k].dtype or k != "tok_emb.weight" or sd[k].dtype == torch.float16:
                 v.copy_(sd[k])
             else:
                 v.data = sd[k].to(v.device)

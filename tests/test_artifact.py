@@ -296,6 +296,7 @@ def test_read_artifact_refuses_defective_or_hostile_files(tmp_path, artifact_obj
         "number_as_name": _zstd(_saved(dict(artifact_obj, passthrough={**pt, 5: torch.zeros(3)}))),
         "sparse_passthrough": _zstd(_saved(dict(artifact_obj, passthrough={**pt, k: pt[k].to_sparse()}))),
         "integer_passthrough": _zstd(_saved(dict(artifact_obj, passthrough={**pt, k: pt[k].long()}))),
+        "meta_tensor": _zstd(_saved(dict(artifact_obj, passthrough={**pt, k: pt[k].to("meta")}))),
         "sparse_codes": _zstd(_saved(dict(artifact_obj, quantized={**q, kq: q[kq].to_sparse()}))),
         "integer_scales": _zstd(_saved(dict(artifact_obj, scales={**artifact_obj["scales"],
                                                                    kq: artifact_obj["scales"][kq].long()}))),
@@ -326,9 +327,16 @@ def test_read_artifact_refuses_defective_or_hostile_files(tmp_path, artifact_obj
     missing = tmp_path / "missing.ptz"
     with pytest.raises(tg.UserError, match=re.escape(str(missing))):
         tg.read_artifact(str(missing))
-    # and a good file reads back whole
+    # and a good file reads back whole, also recompressed as a stream (as the zstd CLI writes one from a pipe: no
+    # declared size, which was read as 2^64 - 1 bytes and refused as a decompression bomb)
     path = tmp_path / "good.ptz"
     path.write_bytes(good)
+    assert deep_equal(tg.read_artifact(str(path)), artifact_obj)
+    stream = io.BytesIO()
+    with zstandard.ZstdCompressor(level=19).stream_writer(stream, closefd=False) as w:
+        w.write(zstandard.ZstdDecompressor().decompress(good))
+    assert zstandard.get_frame_parameters(stream.getvalue()).content_size == zstandard.CONTENTSIZE_UNKNOWN
+    path.write_bytes(stream.getvalue())
     assert deep_equal(tg.read_artifact(str(path)), artifact_obj)
 
 
@@ -451,20 +459,21 @@ def test_eval_only_architecture_mismatch_names_the_tensors(train_run, tmp_path, 
     assert re.search(r"\(\d+, \d+\)", e.stderr), "the message should show the differing shapes"
 
 
-def test_a_float16_tensor_in_an_artifact_is_cast_to_the_models_dtype(tmp_path):
-    """Neither script trains in float16, so an artifact whose dtypes say float16 (for a quantized matrix or a kept
-    tensor) loads into the model's float32 tensors: before, the model kept float16 weights and its first matmul
-    failed on mixed dtypes (a traceback)."""
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_float16_tensor_in_an_artifact_is_cast_to_the_models_dtype(tmp_path, dtype):
+    """Neither script trains in float16, nor keeps a matrix in bf16 (only the seed's tok_emb), so an artifact whose
+    dtypes say so (for a quantized matrix or a kept tensor) loads into the model's float32 tensors: before, the model
+    kept those weights and its first float32 matmul failed on mixed dtypes (a traceback)."""
     knobs = dict(MODEL_DIM=256, MLP_HIDDEN=512)  # an MLP matrix big enough to be quantized
     model = tiny_model(3, **knobs)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     obj, _ = tg.quantize_state_dict(sd)
-    obj["dtypes"]["blocks.0.mlp.up_proj.weight"] = "float16"
-    obj["passthrough_orig_dtypes"]["blocks.0.mlp.scale"] = "float16"
+    obj["dtypes"]["blocks.0.mlp.up_proj.weight"] = dtype
+    obj["passthrough_orig_dtypes"]["blocks.0.mlp.scale"] = dtype
     path = tmp_path / "float16.ptz"
     path.write_bytes(tg.serialize_artifact(obj))
     deq = tg.dequantize_state_dict(tg.read_artifact(str(path)))
-    assert deq["blocks.0.mlp.up_proj.weight"].dtype == deq["blocks.0.mlp.scale"].dtype == torch.float16
+    assert deq["blocks.0.mlp.up_proj.weight"].dtype == deq["blocks.0.mlp.scale"].dtype == getattr(torch, dtype)
     fresh = tiny_model(4, **knobs)
     tg.load_weights(fresh, deq, "float16 artifact")
     assert all(p.dtype == torch.float32 for p in fresh.parameters())
