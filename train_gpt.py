@@ -214,16 +214,15 @@ class Hyperparameters:
              "COMPAT_PR644=1 warms down linearly, as the published script")
         need(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
              f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
-        try:
-            layers = [int(s) for s in self.ve_layers.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"VE_LAYERS={self.ve_layers!r} must be comma-separated integers") from None
-        need(all(0 <= i < self.num_layers for i in layers) and len(set(layers)) == len(layers), "VE_LAYERS",
-             f"indices must be distinct and within 0..{self.num_layers - 1}")
+        ve = [s.strip() for s in self.ve_layers.split(",") if s.strip()]
+        need(all(s.isdecimal() and int(s) < self.num_layers for s in ve) and len({*map(int, ve)}) == len(ve),
+             "VE_LAYERS", f"must be distinct comma-separated block indices within 0..{self.num_layers - 1}")
         need(not self.eval_only or os.path.isfile(self.artifact), "ARTIFACT",
              "EVAL_ONLY=1 needs ARTIFACT=an existing final_model.int6.ptz")
         need(not (self.eval_only and self.resume), "RESUME", "EVAL_ONLY=1 trains nothing, so nothing resumes")
         need(self.eval_only or not self.artifact, "ARTIFACT", "is read by EVAL_ONLY=1 only (training writes its own)")
+        ck = Path(self.checkpoint_dir)  # caught now, not at the first checkpoint an hour in
+        need(not any(p.is_file() for p in (ck, *ck.parents)), "CHECKPOINT_DIR", "is a file or in one: name a folder")
         code = os.path.getsize(__file__)  # code + model bytes count toward QUANT_TARGET_BYTES, as toward the cap
         need(self.quant_target_bytes == 0 or self.quant_target_bytes > code, "QUANT_TARGET_BYTES",
              f"leaves no bytes for the model: the code alone is {code} bytes (0 = off)")
@@ -618,9 +617,7 @@ def param_roles(model: GPT) -> dict[str, tuple[str, int]]:
     for n, _ in model.named_parameters():
         if not n.startswith("blocks.") and n not in roles:
             roles[n] = ("global", -1)  # smear gate, skips, bigram table, value embeddings
-    names = {n for n, _ in model.named_parameters()}
-    if set(roles) != names:
-        raise RuntimeError(f"parameter role table out of date: {sorted(set(roles) ^ names)}")
+    assert set(roles) == {n for n, _ in model.named_parameters()}, "parameter role table out of date"
     return roles
 
 
@@ -777,8 +774,9 @@ class StopSignal:
 STOP = StopSignal()
 
 
-def batch_split(hp: Hyperparameters, world: int) -> tuple[int, int]:
-    """(micro-batch, accumulation): the largest micro-batch <= MICRO_BATCH_SEQS dividing each rank's equal share."""
+def batch_split(hp: Hyperparameters, world: int) -> tuple[int, int, int]:
+    """(micro-batch, accumulation, pieces): the largest micro-batch <= MICRO_BATCH_SEQS dividing each rank's equal
+    share; micro-batches per forward/backward: the largest divisor of the accumulation steps <= MICRO_BATCH_PIECES."""
     T, seqs = hp.train_seq_len, hp.train_batch_tokens // hp.train_seq_len
     if seqs % world:
         near = " or ".join(str(n * T) for n in (seqs // world * world, seqs // world * world + world) if n)
@@ -786,12 +784,8 @@ def batch_split(hp: Hyperparameters, world: int) -> tuple[int, int]:
                         f"{world} processes: use a multiple of {world * T}, e.g. TRAIN_BATCH_TOKENS={near}")
     share = seqs // world
     micro = max(m for m in range(1, min(hp.micro_batch_seqs, share) + 1) if share % m == 0)
-    return micro, share // micro
-
-
-def micro_pieces(hp: Hyperparameters, accum: int) -> int:
-    """Pieces per forward/backward: the largest divisor of the accumulation steps <= MICRO_BATCH_PIECES."""
-    return max(d for d in range(1, min(hp.micro_batch_pieces, accum) + 1) if accum % d == 0)
+    accum = share // micro
+    return micro, accum, max(d for d in range(1, min(hp.micro_batch_pieces, accum) + 1) if accum % d == 0)
 
 
 def warn_short_ema(hp: Hyperparameters, rt: Runtime, step_ms: float = 0.0) -> None:
@@ -813,9 +807,9 @@ class Trainer:
         # COMPAT_PR644: the published script clears only its optimizers' gradients (bigram_emb.scale's accumulates)
         self.kept = [p for p in self.params if id(p) not in owned] if hp.compat_pr644 else []
         self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if hp.ema_decay > 0 else None
-        self.micro, self.accum = batch_split(hp, rt.world)
-        self.pieces = micro_pieces(hp, self.accum)
+        self.micro, self.accum, self.pieces = batch_split(hp, rt.world)
         self.step, self.train_ms = 0, 0.0
+        self.ckpt_dir = Path(hp.checkpoint_dir) if hp.checkpoint_dir else Path(rt.run_dir or ".") / "checkpoints"
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
         self.votes = torch.zeros((), device=rt.device)  # > 0 once any rank got a stop signal
 
@@ -918,12 +912,9 @@ class Trainer:
         dtypes = {k: v.dtype for k, v in self.model.state_dict().items()}
         load_weights(self.model, {k: v.to(dtypes[k]) for k, v in self.ema.items()}, "EMA weights")
 
-    def checkpoint_dir(self) -> Path:
-        return Path(self.hp.checkpoint_dir) if self.hp.checkpoint_dir else self.rt.run_dir / "checkpoints"
-
     def save_checkpoint(self) -> Path:
         self.check_finite()  # never write a checkpoint of diverged weights
-        d = self.checkpoint_dir()
+        d = self.ckpt_dir
         final = d / f"ckpt_{self.step:07d}.pt"
         if self.rt.rank == 0:
             d.mkdir(parents=True, exist_ok=True)
@@ -935,21 +926,26 @@ class Trainer:
         return final
 
     def resume(self) -> None:
-        d, now = self.checkpoint_dir(), self.hp.model_signature(True)
+        d, now, bad = self.ckpt_dir, self.hp.model_signature(True), []
         for path in sorted(d.glob("ckpt_*.pt"), reverse=True):
             try:
                 st = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
                 theirs = json.loads(st["signature"])  # none: not a checkpoint of this script
+                if theirs != now:
+                    diff = ", ".join(f"{k.upper()}={theirs.get(k)} in checkpoint vs {now[k]} now" for k in now
+                                     if theirs.get(k) != now[k])
+                    raise UserError(f"cannot resume from {path}: config differs ({diff}); set the checkpoint's values")
+                self.load_state(st)  # broken contents fail here; an older checkpoint then overwrites all it loaded
+                self.rt.log(f"resume:{path} step:{self.step}")
+                return
+            except UserError:  # config differs, or the data position is past the shards: the user's to see
+                raise
             except Exception as e:
+                bad.append(f"{path.name} ({type(e).__name__})")
                 self.rt.log(f"checkpoint:{path} unreadable ({type(e).__name__}), trying an older one")
-                continue
-            if theirs != now:
-                diff = ", ".join(f"{k.upper()}={theirs.get(k)} in checkpoint vs {now[k]} now" for k in now
-                                 if theirs.get(k) != now[k])
-                raise UserError(f"cannot resume from {path}: config differs ({diff}); set the checkpoint's values")
-            self.load_state(st)
-            self.rt.log(f"resume:{path} step:{self.step}")
-            return
+        if bad:  # never a silent restart over checkpoints that exist
+            raise UserError(f"RESUME=1: no checkpoint in {d} is readable: {', '.join(bad)}; move them away to start "
+                            "from step 0")
         if (self.rt.run_dir / "final_model.int6.ptz").exists():  # a finished run: never retrain over its outputs
             raise UserError(f"RESUME=1: {self.rt.run_dir} holds a finished run and {d} no checkpoint to continue from")
         self.rt.log(f"resume: no valid checkpoint in {d}, starting from step 0")
@@ -1110,15 +1106,21 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
     return H
 
 
-def gptq_codes(w: Tensor, scales: Tensor, H: Tensor, damp: float, block: int = 128) -> Tensor:
-    """int6 codes (-32..31, float) of w on the per-row grid `scales`, chosen by GPTQ: act-order, dampening,
-    inputs never seen (zero diagonal) rounded to nearest, the error spread in blocks of columns (lazy updates)."""
+def gptq_codes(w: Tensor, scales: Tensor, H: Tensor, damp: float, block: int = 128) -> tuple[Tensor, float]:
+    """int6 codes (-32..31, float) of w on the per-row grid `scales` by GPTQ (act-order, inputs never seen rounded to
+    nearest, the error spread in blocks of columns: lazy updates), and the dampening used: `damp`, or 10^k times it
+    where H + damp * mean(diag H) * I has no Cholesky factor."""
     W, s, H = w.detach().float().clone(), scales.float()[:, None], H.double().clone()
     H.diagonal()[H.diagonal() == 0] = 1.0
     perm = torch.argsort(H.diagonal(), descending=True, stable=True)
     W, H = W[:, perm], H[perm][:, perm]
-    H.diagonal().add_(damp * H.diagonal().mean())
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    D = H.diagonal().mean() * torch.eye(len(H), dtype=H.dtype, device=H.device)
+    for damp in (damp * 10 ** k for k in range(12)):  # no Cholesky factor (few calibration tokens): 10x more, again
+        L, bad = torch.linalg.cholesky_ex(H + damp * D)
+        U, worse = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        if not (bad or worse):
+            break
+    U = U.float()
     Q = torch.zeros_like(W)
     for a in range(0, W.size(1), block):
         b = min(a + block, W.size(1))
@@ -1128,18 +1130,19 @@ def gptq_codes(w: Tensor, scales: Tensor, H: Tensor, damp: float, block: int = 1
             Eb[:, i] = (Wb[:, i] - Q[:, a + i] * s[:, 0]) / U[a + i, a + i]
             Wb[:, i:] -= Eb[:, i:i + 1] * U[a + i, a + i:b][None, :]
         W[:, b:] -= Eb @ U[a:b, b:]
-    return Q[:, torch.argsort(perm)]
+    return Q[:, torch.argsort(perm)], damp
 
 
 def round_codes(name: str, w: Tensor, near: Tensor, scales: Tensor, gptq: dict | None, herr: dict) -> Tensor:
     """Codes of w on its row scales: GPTQ's (on the Hessian's device) where `gptq` holds `name`'s Hessian, else `near`;
-    herr[name] = tr(dW H dW^T) of both, the squared output error summed over the calibration inputs."""
+    herr[name] = (tr(dW H dW^T) of both: the squared output error summed over the calibration inputs, GPTQ's damp)."""
     if gptq is None or name not in gptq["H"]:
         return near
     H = gptq["H"][name]
     w, s = w.to(H.device).double(), scales.to(H.device).double()[:, None]
-    q = gptq_codes(w, s[:, 0], H, gptq["damp"])
-    herr[name] = tuple(float(((w - c * s) @ H * (w - c * s)).sum()) for c in (q.double(), near.to(H.device).double()))
+    q, damp = gptq_codes(w, s[:, 0], H, gptq["damp"])
+    err = [float(((w - c * s) @ H * (w - c * s)).sum()) for c in (q.double(), near.to(H.device).double())]
+    herr[name] = (*err, damp)
     return q.cpu()
 
 
@@ -1172,10 +1175,8 @@ def quantize_state_dict(sd: dict[str, Tensor], quant_embed: bool = True, gptq: d
 def dequantize_state_dict(obj: dict) -> dict[str, Tensor]:
     out = {name: (q.float() * obj["scales"][name].float().view(-1, 1)).to(FLOAT_DTYPES[obj["dtypes"][name]])
            for name, q in obj["quantized"].items()}
-    for name, t in obj["passthrough"].items():
-        orig = obj.get("passthrough_orig_dtypes", {}).get(name)
-        out[name] = t.to(FLOAT_DTYPES[orig]) if orig else t
-    return out
+    orig = obj.get("passthrough_orig_dtypes", {})
+    return out | {n: t.to(FLOAT_DTYPES[orig[n]]) if n in orig else t for n, t in obj["passthrough"].items()}
 
 
 def serialize_artifact(obj: dict) -> bytes:
@@ -1623,9 +1624,9 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
     log_header(hp, rt)
     rt.log(f"model_params:{n_params}")
     if split:
-        pieces = micro_pieces(hp, split[1])
-        rt.log(f"batch: global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{split[0]} grad_accum:{split[1]} "
-               f"pieces_per_forward:{pieces} forward_seqs:{pieces * split[0]} forwards:{split[1] // pieces}")
+        micro, accum, pieces = split
+        rt.log(f"batch: global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{micro} grad_accum:{accum} "
+               f"pieces_per_forward:{pieces} forward_seqs:{pieces * micro} forwards:{accum // pieces}")
         warn_short_ema(hp, rt)
     if hp.dry_run:
         n_train = sum(len(s) for s in stream.shards) if stream else 0
@@ -1677,10 +1678,10 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
             else:
                 obj, stats = quantize_state_dict(model.state_dict(), hp.quant_embed, gptq)
             atomic_save(stats["blob"] if hp.quant_target_bytes else serialize_artifact(obj), path)
-            herr = stats["herr"]  # per GPTQ tensor: tr(dW H dW^T) of its codes and of nearest rounding's
-            for name, (g, n) in herr.items():
-                rt.log(f"quant_gptq tensor:{name} hessian_err:{g:.5g} vs_nearest:{g / max(n, 1e-30):.4f}")
-            ratio = sum(g for g, _ in herr.values()) / max(sum(n for _, n in herr.values()), 1e-30) if herr else 1.0
+            herr = stats["herr"]  # per GPTQ tensor: tr(dW H dW^T) of its codes and of nearest rounding's, damp
+            for name, (g, n, damp) in herr.items():
+                rt.log(f"quant_gptq tensor:{name} hessian_err:{g:.5g} vs_nearest:{g / max(n, 1e-30):.4f} damp:{damp:g}")
+            ratio = sum(h[0] for h in herr.values()) / max(sum(h[1] for h in herr.values()), 1e-30) if herr else 1.0
             rt.log(f"quant: method:{hp.quant_method} gptq_tensors:{len(herr)} hessian_err_vs_nearest:{ratio:.4f} "
                    f"rows:{stats['rows']} floor_rows:{stats['floor_rows']} floor_fraction:"
                    f"{stats['floor_rows'] / max(stats['rows'], 1):.4f} time:{time.perf_counter() - t0:.1f}s")
@@ -1709,8 +1710,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> int:
         write_submission(hp, rt, result)
     if rt.world > 1:
         dist.barrier()  # ranks tear down together: gloo can abort a process whose peer has already gone
-    if result["bytes_total"] > hp.artifact_limit_bytes:
-        over = result['bytes_total'] - hp.artifact_limit_bytes
+    if (over := result["bytes_total"] - hp.artifact_limit_bytes) > 0:
         raise UserError(f"artifact too large: {result['bytes_total']} bytes is {over} "
                         f"over the {hp.artifact_limit_bytes}-byte cap (outputs kept in {rt.run_dir})")
     return 0

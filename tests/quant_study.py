@@ -68,7 +68,7 @@ def main(ckpt: str) -> None:
     print(f"calibration: seqs:{hp.gptq_calib_seqs} tokens:{hp.gptq_calib_seqs * T} time:{t_calib:.1f}s "
           f"budget(lite bytes):{budget}")
     for label, obj, secs, herr in rows:
-        ratio = sum(g for g, _ in herr.values()) / max(sum(n for _, n in herr.values()), 1e-30) if herr else 1.0
+        ratio = sum(h[0] for h in herr.values()) / max(sum(h[1] for h in herr.values()), 1e-30) if herr else 1.0
         emb = herr.get("tok_emb.weight")
         print(f"{label:22s} bytes:{len(tg.serialize_artifact(obj)):9d} quant_gap_bpb:{gap(obj):+.6f} "
               f"hessian_err_vs_nearest:{ratio:.4f} tok_emb_vs_nearest:{emb[0] / emb[1] if emb else 1.0:.4f} "

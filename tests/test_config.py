@@ -185,6 +185,8 @@ BAD = [
     (dict(SUBMISSION_AUTHOR="Jos\udce9"), ("SUBMISSION_AUTHOR",), "not UTF-8"),  # a Latin-1 byte: failed in the log
     (dict(DATA_PATH="/data/caf\udce9"), ("DATA_PATH",), "not UTF-8"),
     (dict(NUM_LAYERS="x"), ("NUM_LAYERS",), "not a valid int"),
+    (dict(CHECKPOINT_DIR=tg.__file__), ("CHECKPOINT_DIR",), "a file"),                # failed at the first checkpoint
+    (dict(CHECKPOINT_DIR=tg.__file__ + "/ck"), ("CHECKPOINT_DIR",), "in one"),
 ]
 
 

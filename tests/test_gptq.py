@@ -35,8 +35,8 @@ def test_identity_like_hessian_gives_nearest_codes():
     _, s, _ = tg.quantize_matrix(w)
     diag = torch.rand(300, generator=torch.Generator().manual_seed(1)) + 0.1
     diag[[3, 150, 299]] = 0.0
-    q = tg.gptq_codes(w, s, torch.diag(diag).double(), damp=0.01)
-    assert torch.equal(q, nearest(w, s))
+    q, damp = tg.gptq_codes(w, s, torch.diag(diag).double(), damp=0.01)
+    assert torch.equal(q, nearest(w, s)) and damp == 0.01
 
 
 def test_correlated_hessian_lowers_weighted_error_on_the_same_grid():
@@ -44,15 +44,30 @@ def test_correlated_hessian_lowers_weighted_error_on_the_same_grid():
     x = torch.randn(2000, 300, generator=g) @ (torch.eye(300) + 0.3 * torch.randn(300, 300, generator=g))
     H, w = x.T @ x, heavy_matrix(48, 300, 3)
     _, s, _ = tg.quantize_matrix(w)
-    q = tg.gptq_codes(w, s, H, damp=0.01)
+    q, damp = tg.gptq_codes(w, s, H, damp=0.01)
     sf = s.float()[:, None]
     err, err_near = weighted_error(w - q * sf, H), weighted_error(w - nearest(w, s) * sf, H)
     assert err < 0.7 * err_near, (err, err_near)
-    assert torch.equal(q, q.round()) and int(q.min()) == -32 and int(q.max()) == 31
+    assert torch.equal(q, q.round()) and int(q.min()) == -32 and int(q.max()) == 31 and damp == 0.01
     # lazy block updates are only a reordering of the same arithmetic: one block of all columns agrees
-    err_one_block = weighted_error(w - tg.gptq_codes(w, s, H, damp=0.01, block=300) * sf, H)
+    err_one_block = weighted_error(w - tg.gptq_codes(w, s, H, damp=0.01, block=300)[0] * sf, H)
     assert err == pytest.approx(err_one_block, rel=1e-4)
 
+
+
+def test_a_hessian_without_cholesky_factor_is_damped_more_not_a_crash():
+    """A Hessian that GPTQ_DAMP leaves without a Cholesky factor (from very few calibration tokens and the smallest
+    GPTQ_DAMP a real one was; here an indefinite one, so the failure is certain) raised LinAlgError after training.
+    Now the damping grows tenfold until both factorisations succeed, and the codes are valid ones on the same grid."""
+    w = heavy_matrix(16, 64, 4)
+    _, s, _ = tg.quantize_matrix(w)
+    H = torch.eye(64, dtype=torch.float64) + 2.0 * torch.diag(torch.ones(63, dtype=torch.float64), 1)
+    H = H + H.T  # diagonal 2, eigenvalues down to 2 - 4cos(pi/65) < -1.9: indefinite at any damp below ~1
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(H + 1e-6 * 2.0 * torch.eye(64, dtype=torch.float64))
+    q, damp = tg.gptq_codes(w, s, H, damp=1e-6)
+    assert damp == pytest.approx(1.0), damp  # 1e-6 * 10^6: the first that makes H + 2*damp*I positive definite
+    assert torch.equal(q, q.round()) and -32 <= int(q.min()) and int(q.max()) <= 31 and torch.isfinite(q).all()
 
 # int6: mlp up/down 768x96 / 96x768 (linear layers), tok_emb 1024x96 (the tied head), the BigramHash table 4200x16
 CFG = dict(num_layers=2, model_dim=96, mlp_hidden=768, ve_layers="1", xsa_layers=1, train_seq_len=64,
@@ -79,7 +94,7 @@ def test_gptq_artifact_loads_with_the_reader_and_evaluates_as_in_memory(calibrat
               "blocks.1.mlp.down_proj.weight"}
     rounded = linear | {"tok_emb.weight"}  # the linear layers and the tied head; the tables keep nearest
     assert set(stats["herr"]) == rounded and "bigram_emb.embed.weight" in obj["quantized"]
-    assert all(g < n for g, n in stats["herr"].values())
+    assert all(g < n and damp == 0.01 for g, n, damp in stats["herr"].values())
     for k in obj["quantized"]:  # the same grid as the seed's quantizer; other codes only where GPTQ rounded
         assert torch.equal(obj["scales"][k], lite["scales"][k])
         assert torch.equal(obj["quantized"][k], lite["quantized"][k]) == (k not in rounded), k

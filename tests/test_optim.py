@@ -636,7 +636,7 @@ def test_batch_split_of_the_seed_batch_for_1_to_8_processes():
     """384 sequences: the largest micro-batch <= 48 dividing each rank's share; 5 and 7 processes cannot share
     384 sequences equally and are refused with the nearest global batches that do split."""
     hp = tiny_hp(**SEED)
-    assert {w: tg.batch_split(hp, w) for w in SEED_SPLITS} == SEED_SPLITS
+    assert {w: tg.batch_split(hp, w)[:2] for w in SEED_SPLITS} == SEED_SPLITS
     for world, near in ((5, (380, 385)), (7, (378, 385))):
         with pytest.raises(tg.UserError) as info:
             tg.batch_split(hp, world)
@@ -644,14 +644,14 @@ def test_batch_split_of_the_seed_batch_for_1_to_8_processes():
         assert f"does not split over {world} processes" in msg, msg
         assert msg.endswith(f"TRAIN_BATCH_TOKENS={near[0] * 2048} or {near[1] * 2048}"), msg
         for seqs in near:
-            micro, accum = tg.batch_split(tiny_hp(**{**SEED, "train_batch_tokens": seqs * 2048}), world)
+            micro, accum, _ = tg.batch_split(tiny_hp(**{**SEED, "train_batch_tokens": seqs * 2048}), world)
             assert micro * accum * world == seqs and micro <= 48
 
 
 def test_batch_split_small_batches_and_micro_batches():
     T = 128
     def split(seqs, micro, world):
-        return tg.batch_split(tiny_hp(train_batch_tokens=seqs * T, micro_batch_seqs=micro), world)
+        return tg.batch_split(tiny_hp(train_batch_tokens=seqs * T, micro_batch_seqs=micro), world)[:2]
     assert split(60, 48, 1) == (30, 2)  # refused before: 48 does not divide 60
     assert split(16, 48, 4) == (4, 1) and split(16, 5, 1) == (4, 4) and split(14, 4, 2) == (1, 7)
     with pytest.raises(tg.UserError, match=r"multiple of 768, e\.g\. TRAIN_BATCH_TOKENS=1536 or 2304$"):
@@ -697,8 +697,10 @@ def test_seed_data_order_on_1_2_4_8_processes_is_unchanged(world):
 def test_micro_pieces_choice():
     """The knob, capped to a divisor of the accumulation steps; the default is the published one piece per forward."""
     assert tg.Hyperparameters().micro_batch_pieces == 1
-    assert [tg.micro_pieces(tg.Hyperparameters(micro_batch_pieces=k), 8) for k in (1, 3, 4, 16)] == [1, 2, 4, 8]
-    assert tg.micro_pieces(tg.Hyperparameters(micro_batch_pieces=4), 6) == 3
+    pieces = lambda k, accum: tg.batch_split(tiny_hp(train_batch_tokens=accum * 128, micro_batch_seqs=1,
+                                                     micro_batch_pieces=k), 1)[2]
+    assert [pieces(k, 8) for k in (1, 3, 4, 16)] == [1, 2, 4, 8]
+    assert pieces(4, 6) == 3
     with pytest.raises(tg.UserError, match="MICRO_BATCH_PIECES"):
         tiny_hp(micro_batch_pieces=0)
 

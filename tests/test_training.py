@@ -268,20 +268,24 @@ def test_sigkill_then_resume_equals_uninterrupted(run_a, runs):
 # ---------------------------------------------------------------------------------------------- 2. unreadable checkpoint
 
 def test_truncated_newest_checkpoint_is_skipped(run_a, runs):
-    """Deterministic resume: A's checkpoints with the newest (step 16) truncated, and a newer file of that name
-    that is no checkpoint of this script (a bare state dict: it was refused as 'config differs', every knob None).
-    The resume names both unreadable, continues from step 12 and trains steps 13..16 to exactly A's result."""
+    """Deterministic resume: A's checkpoints with the newest (step 16) truncated, a newer file of that name that is
+    no checkpoint of this script (a bare state dict: it was refused as 'config differs', every knob None), and a
+    newer still with a valid signature but no data position (step 16's weights: they load, then it fails; it was a
+    traceback). The resume names the three unreadable, continues from step 12, all of it (nothing of the broken
+    one's left), and trains steps 13..16 to exactly A's result."""
     a_dir, _ = run_a
     ck = copy_checkpoints(a_dir, runs / "c")
     bad = ck / "ckpt_0000016.pt"
     data = bad.read_bytes()
+    broken = {k: v for k, v in load_ckpt(bad).items() if k != "data"}
+    torch.save(broken, ck / "ckpt_0000024.pt")
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(Exception):
         load_ckpt(bad)  # the damage is real
     torch.save({"tok_emb.weight": torch.zeros(4, 2)}, ck / "ckpt_0000020.pt")
     r = ok(run_script({**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "c", "RESUME": "1"}))
-    assert re.search(r"^checkpoint:\S+ckpt_0000020\.pt unreadable \(KeyError\)", r.stdout, re.M), r.stdout[-2000:]
-    assert re.search(r"^checkpoint:\S+ckpt_0000016\.pt unreadable", r.stdout, re.M), r.stdout[-2000:]
+    for step, why in ((24, "KeyError"), (20, "KeyError"), (16, "")):
+        assert re.search(rf"^checkpoint:\S+ckpt_{step:07d}\.pt unreadable \({why}", r.stdout, re.M), r.stdout[-2000:]
     assert re.search(r"^resume:\S+ckpt_0000012\.pt step:12$", r.stdout, re.M), r.stdout[-2000:]
     # it trained the 4 missing steps (step 16 logs a train line and writes a checkpoint again)
     assert [int(m[1]) for m in map(TRAIN_LINE.match, r.stdout.splitlines()) if m] == [16]
@@ -322,6 +326,19 @@ def test_checkpoints_in_a_shared_folder_are_kept_and_never_resume_another_run(ru
     assert {k: v for k, v in snapshot(shared).items() if k in theirs} == theirs
     line = assert_one_line_error(run_script({**env, "RUN_ID": "shared_b2", "RESUME": "1"}))
     assert "ckpt_0000016.pt" in line and "SEED=7 in checkpoint vs 8 now" in line, line
+
+
+def test_resume_over_checkpoints_none_readable_is_refused(run_a, runs):
+    """Checkpoints exist but none loads: one line naming each and why, never a silent restart from step 0 (it was
+    one log line and a new run over the old checkpoints, which a rotation would then delete)."""
+    a_dir, _ = run_a
+    ck = copy_checkpoints(a_dir, runs / "u")
+    for p in ck.iterdir():
+        p.write_bytes(p.read_bytes()[:1000])
+    before = snapshot(ck)
+    line = assert_one_line_error(run_script({**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "u", "RESUME": "1"}))
+    assert "no checkpoint in" in line and "ckpt_0000016.pt (" in line and "ckpt_0000012.pt (" in line, line
+    assert snapshot(ck) == before and not (runs / "u" / "final_model.pt").exists()
 
 
 def test_resume_of_a_finished_run_without_checkpoints_is_refused(run_a, runs):
