@@ -963,14 +963,14 @@ class Trainer:
         STOP.phase = "training"
         t_mark, last = time.perf_counter(), (self.step, self.train_ms)
         now_ms = lambda: self.train_ms + (time.perf_counter() - t_mark) * 1000
+        cap_ms = hp.max_wallclock_seconds * 1000 or math.inf
         while True:
             elapsed = now_ms()
-            if rt.world > 1 and hp.max_wallclock_seconds > 0:  # rank 0's clock for all: same stop step, same LR
+            if rt.world > 1 and cap_ms < math.inf:  # rank 0's clock for all: same stop step, same LR
                 box = torch.tensor([elapsed], dtype=torch.float64, device=rt.device)
                 dist.broadcast(box, 0)
                 elapsed = float(box.item())
-            capped = hp.max_wallclock_seconds > 0 and elapsed >= hp.max_wallclock_seconds * 1000
-            done = self.step >= hp.iterations or capped
+            done = self.step >= hp.iterations or elapsed >= cap_ms
             if (hp.val_loss_every and self.step % hp.val_loss_every == 0) or (done and self.step > 0):
                 if rt.device.type == "cuda":
                     torch.cuda.synchronize()
@@ -987,8 +987,9 @@ class Trainer:
                 lv, now = loss.item(), now_ms()
                 rate = (self.step - last[0]) * hp.train_batch_tokens / max(now - last[1], 1e-9) * 1000
                 avg = now / self.step
+                eta = min((hp.iterations - self.step) * avg, cap_ms - now) / 1000  # the steps left, or the cap
                 rt.log(f"step:{self.step}/{hp.iterations} train_loss:{lv:.4f} train_time:{now:.0f}ms "
-                       f"step_avg:{avg:.2f}ms tok_s:{rate:.0f} eta:{(hp.iterations - self.step) * avg / 1000:.0f}s")
+                       f"step_avg:{avg:.2f}ms tok_s:{rate:.0f} eta:{max(eta, 0):.0f}s")
                 last = (self.step, now)
                 if self.step == hp.train_log_every:  # with a wall-clock cap the number of steps is known now
                     warn_short_ema(hp, rt, avg)
@@ -1556,8 +1557,7 @@ def open_run_dir(hp: Hyperparameters, rt: Runtime) -> Hyperparameters:
 def log_header(hp: Hyperparameters, rt: Runtime) -> None:
     for f in dataclasses.fields(hp):
         rt.log(f"config:{f.name.upper()}={getattr(hp, f.name)}")
-    cpu = platform.processor() or platform.machine()
-    dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else cpu
+    dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.machine()
     rt.log(f"versions: python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
            f"cuda:{torch.version.cuda} flash_attn3:{'eager_on_hopper' if _fa3 else 'absent'}")
     dt, heads = torch.bfloat16 if rt.bf16 else torch.float32, (hp.num_heads, hp.num_kv_heads)

@@ -775,3 +775,20 @@ def test_training_loop_checks_the_ema_once_the_step_time_is_known(corpus, monkey
     tr = make_trainer(iterations=4, warmdown_iters=2, train_log_every=2)  # logs at steps 2 and 4
     tr.run(lambda m: (0.0, 0.0))
     assert len(calls) == 1 and calls[0][0] == 2 and calls[0][1] > 0, calls
+
+
+def test_train_lines_eta_counts_down_to_the_wallclock_cap(corpus, monkeypatch):
+    """With a wall-clock cap the run ends at the cap, not at ITERATIONS: the train lines' eta is the time left to
+    the cap (it was the steps left to ITERATIONS times the step time, here ~10^6 s for a 60 s run). A clock that
+    advances 1 s per reading and a stub step (no compute) make the times exact."""
+    tr = make_trainer(iterations=100000, warmdown_iters=0, max_wallclock_seconds=60, train_log_every=1,
+                      val_loss_every=0, ema_decay=0)
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: float(next(ticks)))
+    monkeypatch.setattr(tr, "train_step", lambda lr: (setattr(tr, "step", tr.step + 1), torch.zeros(()))[1])
+    lines = []
+    tr.rt.log = lines.append
+    tr.run(lambda m: (0.0, 0.0))
+    timed = [(int(m[1]), int(m[2])) for m in (re.search(r"train_time:(\d+)ms .* eta:(\d+)s$", l) for l in lines) if m]
+    assert len(timed) > 10 and 10 < tr.step < 100, (tr.step, lines[-3:])
+    assert all(eta == round(60 - t / 1000) for t, eta in timed), timed
