@@ -81,6 +81,11 @@ launch() {  # a plain process for one (so an error is just its one line); torchr
   exec "$PY" train_gpt.py
 }
 
+no_args() {  # knobs are environment variables: an argument would be ignored, not obeyed
+  [ $# -eq 0 ] || { echo "run.sh $cmd takes no arguments (got: $*); knobs are environment variables, e.g." \
+    "ITERATIONS=100 ./run.sh $cmd" >&2; exit 2; }
+}
+
 cmd=${1:-smoke}
 shift || true
 case "$cmd" in
@@ -89,6 +94,7 @@ case "$cmd" in
     exec "$PY" -m pytest -q -n 2 --dist loadfile tests "$@"  # 2 workers, a test file each: ~3.5 min on 2 cores
     ;;
   smoke)
+    no_args "$@"
     setup
     DATA=${SMOKE_DATA:-runs/smoke_data}
     if [ -f data/datasets/fineweb10B_sp1024/fineweb_val_000000.bin ] && [ -z "${SMOKE_DATA:-}" ]; then
@@ -110,6 +116,8 @@ case "$cmd" in
     exec "$PY" train_gpt.py
     ;;
   data)
+    [[ $# -le 1 && ${1:-80} =~ ^[0-9]+$ ]] || { echo "usage: ./run.sh data [N]  (N train shards, a whole number;" \
+      "default 80, 0 = only the tokenizer and the validation shard)" >&2; exit 2; }
     setup
     has huggingface_hub || pip_install huggingface_hub
     "$PY" - "${1:-80}" <<'PYEOF'
@@ -169,18 +177,20 @@ print(f"data:verified tokenizer + {len(shards)} shards ({n} train), {total:,} to
 PYEOF
     ;;
   train)
+    no_args "$@"
     setup
     launch
     ;;
   eval)
-    [ $# -ge 1 ] || { echo "usage: ./run.sh eval path/to/final_model.int6.ptz" >&2; exit 2; }
+    [ $# -eq 1 ] || { echo "usage: ./run.sh eval path/to/final_model.int6.ptz  (knobs: environment variables)" >&2
+      exit 2; }
     setup
     log="$(dirname "$1")/train.log"
     if [ -f "$log" ]; then  # an artifact in a run folder: that run's knobs, unless the environment sets them
       while IFS='=' read -r k v; do
         case "$k" in RUN_ID|RESUME|EVAL_ONLY|ARTIFACT|DRY_RUN|DEVICE|COMPILE) continue ;; esac
         [ -n "${!k+x}" ] || export "$k=$v"
-      done < <(sed -n 's/^config:\([A-Z0-9_]*=.*\)$/\1/p' "$log" | sed 's/=True$/=1/; s/=False$/=0/')
+      done < <(sed -n 's/^config:\([A-Z][A-Z0-9_]*=.*\)$/\1/p' "$log" | sed 's/=True$/=1/; s/=False$/=0/')
       echo "eval: knobs from $log (the environment overrides them)"
     fi
     export EVAL_ONLY=1 ARTIFACT="$1"

@@ -221,6 +221,8 @@ class Hyperparameters:
              "EVAL_ONLY=1 needs ARTIFACT=an existing final_model.int6.ptz")
         need(not (self.eval_only and self.resume), "RESUME", "EVAL_ONLY=1 trains nothing, so nothing resumes")
         need(self.eval_only or not self.artifact, "ARTIFACT", "is read by EVAL_ONLY=1 only (training writes its own)")
+        need(all(c.isalnum() or c in "._-" for c in self.run_id) and self.run_id not in (".", ".."), "RUN_ID",
+             "names a folder in RUNS_DIR: letters, digits, '.', '_' and '-' only")
         ck = Path(self.checkpoint_dir)  # caught now, not at the first checkpoint an hour in
         need(not any(p.is_file() for p in (ck, *ck.parents)), "CHECKPOINT_DIR", "is a file or in one: name a folder")
         code = os.path.getsize(__file__)  # code + model bytes count toward QUANT_TARGET_BYTES, as toward the cap
@@ -512,12 +514,11 @@ class ValueEmbedding(nn.Module):
         kv = hp.num_kv_heads * hp.head_dim
         self.embed = nn.Embedding(hp.vocab_size, hp.ve_dim)
         nn.init.normal_(self.embed.weight, std=0.01)  # drawn here, before GPT's init pass, as the published script
-        self.proj = nn.Linear(hp.ve_dim, kv, bias=False) if hp.ve_dim != kv else None  # none at the kv width
+        self.proj = nn.Linear(hp.ve_dim, kv, bias=False) if hp.ve_dim != kv else nn.Identity()  # none at the kv width
         self.scale = nn.Parameter(torch.tensor(0.1))
 
     def forward(self, ids: Tensor) -> Tensor:
-        e = self.embed(ids)
-        return self.scale * (e if self.proj is None else self.proj(e))
+        return self.scale * self.proj(self.embed(ids))
 
 
 class GPT(nn.Module):
@@ -622,9 +623,8 @@ def param_roles(model: GPT) -> dict[str, tuple[str, int]]:
 
 
 def newton_schulz(G: Tensor, steps: int) -> Tensor:
-    """Approximate U V^T of G = U S V^T by the seed's quintic iteration in bf16, for one matrix or a stack (each
-    normalised on its own). A step is three batched matmuls whose epilogues add the scaled terms (one rounding each):
-    fast uncompiled, and nearer the exact iteration than the published op-by-op form (tests/test_optim.py)."""
+    """U V^T of G = U S V^T by the seed's quintic iteration in bf16, for a matrix or a stack (each normalised alone). A
+    step: 3 batched matmuls whose epilogues add the scaled terms (one rounding each; nearer exact than published)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
@@ -669,8 +669,8 @@ class Muon(torch.optim.Optimizer):
                 mine[pos:pos + U.numel()] = (U.to(mine.dtype) * max(1.0, rows / cols) ** 0.5).flatten()
                 pos += U.numel()
         every = mine.new_empty(world * seg) if world > 1 else mine
-        if world > 1:
-            dist.all_gather_into_tensor(every, mine)
+        if world > 1:  # torch 2.13 renamed it all_gather_single (the old name warns)
+            getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(every, mine)
         for r, share in enumerate(owned):
             sizes = [p.numel() for p, _, _ in share]
             for (p, g, _), u in zip(share, every[r * seg:r * seg + sum(sizes)].split(sizes)):
@@ -1181,9 +1181,8 @@ def dequantize_state_dict(obj: dict) -> dict[str, Tensor]:
 
 
 def serialize_artifact(obj: dict) -> bytes:
-    """torch.save + one standard zstd frame. Level 22's optimal parser spends ~40 s buying short matches
-    that cost more than the int6 literals they replace; a shallow search with longer minimum matches is
-    ~25x faster and smaller on these payloads. The smallest of a few such settings wins (deterministic)."""
+    """torch.save + one zstd frame. Level 22's optimal parser spends ~40 s on short matches that cost more than the
+    int6 literals they replace; shallow searches with longer matches are ~25x faster and smaller: the smallest wins."""
     import zstandard
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -1578,10 +1577,8 @@ def final_evaluation(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, 
     rt.log(f"final_eval_mode:{mode} stride:{hp.eval_stride} seq_len:{hp.train_seq_len}")
     if mode == "ttt":
         loss, bpb = ttt_evaluate(hp, rt, model, val, tables)
-    elif mode == "sliding":
-        loss, bpb = evaluate(hp, rt, model, val, tables, hp.eval_stride)
-    else:
-        loss, bpb = pre_loss, pre_bpb
+    else:  # sliding, or the standard score already in hand
+        loss, bpb = evaluate(hp, rt, model, val, tables, hp.eval_stride) if mode == "sliding" else (pre_loss, pre_bpb)
     secs = time.perf_counter() - t0
     rt.log(f"final_int6_zstd-22_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval:{secs * 1000:.0f}ms")
     rt.log(f"final_int6_zstd-22_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
@@ -1589,9 +1586,8 @@ def final_evaluation(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, 
 
 
 def compile_model(hp: Hyperparameters, rt: Runtime, model: GPT) -> None:
-    """rt.compiled = the model, compiled. COMPILE=1: region by region (GPT.forward's embeddings, blocks, skip mix and
-    head), so each kind of block compiles once (a third less compile time); COMPILE=graph: one graph, as published.
-    A graph per region and (batch, score_from, grad mode, frozen set); the run logs the count at its end."""
+    """rt.compiled = the model, compiled: COMPILE=1 by regions (embeddings, blocks, skip mix, head; each kind compiles
+    once: a third less time), COMPILE=graph whole (as published). A graph per (batch, score_from, grad mode, frozen)."""
     rt.compiled = model
     if not rt.compile:
         return
@@ -1731,14 +1727,14 @@ def write_submission(hp: Hyperparameters, rt: Runtime, r: dict) -> None:
 
 
 def report_stop(rt: Runtime | None, signum: int, line: str | None, checkpoint_dir: str = "") -> int:
-    """The stop line (outside the training loop: what was interrupted, what is safe on disk); 128 + signum."""
+    """The stop line (what was interrupted, what is safe on disk); 128 + signum, or 1 (signum 0: another rank ended)."""
     if line is None:
         dirs = [d for d in (rt and rt.run_dir, checkpoint_dir and Path(checkpoint_dir)) if d]
         kept = sorted({p for d in dirs for p in d.rglob("*") if p.suffix in (".pt", ".ptz")})
-        line = (f"stopped: {signal.Signals(signum).name} during {STOP.phase}; safe on disk: "
-                f"{', '.join(map(str, kept)) or 'nothing of this run'}")
+        why = signal.Signals(signum).name if signum else "another process of this run ended (its output says why)"
+        line = f"stopped: {why} during {STOP.phase}; safe on disk: {', '.join(map(str, kept)) or 'nothing of this run'}"
     (rt or Runtime(rank=int(os.environ.get("RANK", "0")))).log(line)
-    return 128 + signum
+    return 128 + signum if signum else 1
 
 
 def reports_error(rank: int) -> bool:
@@ -1764,14 +1760,17 @@ def main() -> int:
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, STOP)
     try:
+        if sys.argv[1:]:  # an argument would be ignored, not obeyed: `python train_gpt.py EVAL_ONLY=1` would train
+            raise UserError(f"train_gpt.py reads no arguments (got {' '.join(sys.argv[1:])[:160]}): knobs are "
+                            "environment variables, e.g. EVAL_ONLY=1 python train_gpt.py (--help lists them)")
         hp = Hyperparameters.from_env()
         rt = setup_runtime(hp)
         return run(hp, rt)
     except Stopped as e:
         return report_stop(rt, *e.args, hp.checkpoint_dir if hp else "")
     except Exception as e:  # a UserError is one line, anything else its traceback; under torchrun once, not per rank
-        if STOP.signum:  # e.g. a collective broken by a peer that stopped first
-            return report_stop(rt, STOP.signum, None, hp.checkpoint_dir if hp else "")
+        if STOP.signum or (rt and rt.world > 1 and any(s in str(e) for s in ("by peer", "remote process"))):
+            return report_stop(rt, STOP.signum, None, hp.checkpoint_dir if hp else "")  # a collective's peer ended
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here torchrun's SIGTERM ends a waiting rank quietly
         rank = rt.rank if rt else 0  # before the runtime every rank has the same error (the config's)
         if not reports_error(rank):
@@ -1785,7 +1784,8 @@ def main() -> int:
         line = f"error: {f'rank {rank}: ' if rank else ''}{e}"  # another rank names itself (maybe its error alone)
         print(line, file=sys.stderr, flush=True)
         if rt is not None and rt.log_file is not None:
-            print(line, file=rt.log_file, flush=True)
+            with contextlib.suppress(OSError):  # the disk that is full may be the log's
+                print(line, file=rt.log_file, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ the table still prints, with one line saying why there is no picture. Bad input:
 """
 from __future__ import annotations
 
+import math
 import re
 import signal
 import sys
@@ -33,6 +34,7 @@ REF_STEPS = REF_EVERY * (len(REF_VAL_BPB) - 1)  # 25,000
 REF_FINAL = {"pre_ttt": None, "final": 1.09440207, "bytes_total": 14_496_936, "train_s": 12_509.3, "eval_s": 2_074.0}
 REF_TTT = Path(__file__).with_name("pr644_ttt_curve.tsv")  # chunk, chunks_total, running_val_bpb, elapsed_s
 NOISE = 0.001  # seed-to-seed spread of the published recipe's val_bpb
+PICTURES = (".png", ".pdf", ".svg", ".jpg")  # what --out may name (matplotlib's formats)
 
 
 def ref_val_bpb(step: int) -> float | None:
@@ -119,7 +121,7 @@ def parse_log(log: Path) -> Run:
             ref_marked |= " ref_val_bpb:" in line  # how logs of earlier versions marked a published run
         if m := STEP_TIME.match(line):
             run.summary["train_s"] = int(m[1]) / 1000
-        if m := TTT[0].match(line) or TTT[1].match(line):
+        if (m := TTT[0].match(line) or TTT[1].match(line)) and int(m[2]) > 0:
             run.ttt.append((int(m[1]), int(m[2]), float(m[3])))
             ttt_s = float(m[4]) if m.re is TTT[1] else ttt_s
         for key, pattern in (("pre_ttt", PRE_TTT), ("final", FINAL), ("bytes_total", BYTES)):
@@ -209,10 +211,11 @@ def plot(runs: list[Run], out: Path) -> str:
             ax["delta"].plot([s for s, _ in pts], [d for _, d in pts], **style, label=name)
         if r.ttt:
             ax["ttt"].plot([c / n for c, n, _ in r.ttt], [b for *_, b in r.ttt], color=f"C{i}", lw=1.4, label=name)
-    later = [v for r in runs for s, v in r.val.items() if s > 0] + list(REF_VAL_BPB[1:])
-    low, high = min(later + [v for r in runs for v in r.val.values()]), max(later)
+    ours = [(s, v) for r in runs for s, v in r.val.items() if math.isfinite(v)]  # a diverged run logs nan or inf
+    later = [v for s, v in ours if s > 0] + list(REF_VAL_BPB[1:])
+    low, high = min(later + [v for _, v in ours]), max(later)
     ax["val"].set_ylim(low - 0.03 * (high - low), high + 0.05 * (high - low))
-    clipped = max(v for r in runs for v in r.val.values()) > high or REF_VAL_BPB[0] > high
+    clipped = max(v for _, v in ours + [(0, REF_VAL_BPB[0])]) > high
     ax["val"].set(xlabel="step / ITERATIONS (top: step of a 25,000-step run)", ylabel="val_bpb",
                   title="val_bpb during training" + (" (step 0 above the frame)" if clipped else ""))
     ax["val"].secondary_xaxis("top", functions=(lambda x: x * REF_STEPS, lambda s: s / REF_STEPS))
@@ -228,8 +231,12 @@ def plot(runs: list[Run], out: Path) -> str:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        fig.savefig(out)
+    except OSError as e:
+        raise CompareError(f"cannot write the picture {out}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     return f"compare: picture {out}"
 
 
@@ -247,14 +254,17 @@ def main(argv: list[str]) -> int:
             args.pop(i)
             if not out.parent.is_dir():
                 raise CompareError(f"--out {out}: folder {out.parent} does not exist")
+            if out.is_dir() or out.suffix.lower() not in PICTURES:
+                raise CompareError(f"--out {out}: name a picture file ending in {', '.join(PICTURES)}, e.g. "
+                                   f"--out {out / 'compare.png' if out.is_dir() else out.with_suffix('.png')}")
         if not args or any(a.startswith("-") for a in args):
             raise CompareError("usage: ./run.sh compare RUN [RUN ...] [--out compare.png] (RUN: a run folder or a log)")
         runs = [parse_log(find_log(a)) for a in args]
+        print(table(runs), flush=True)
+        print(plot(runs, out))
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(table(runs))
-    print(plot(runs, out))
     return 0
 
 

@@ -204,12 +204,30 @@ def test_bad_input_is_one_line_exit_2(two_runs, tmp_path, capsys):
              (str(tmp_path / "two"),): "it holds a.log, b.log",
              (good, str(no_val)): "has no validation lines",
              (): "usage:", (good, "--out"): "--out needs a file name", (good, "--bogus"): "usage:",
-             (good, "--out", str(tmp_path / "no" / "c.png")): "does not exist"}
+             (good, "--out", str(tmp_path / "no" / "c.png")): "does not exist",
+             (good, "--out", str(tmp_path / "c.xyz")): "name a picture file ending in .png",  # matplotlib's traceback
+             (good, "--out", str(tmp_path)): f"e.g. --out {tmp_path / 'compare.png'}"}  # a folder: IsADirectoryError
     for args, why in cases.items():
         assert compare.main(list(args)) == 2, args
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.count("\n") == 1, (args, captured)
         assert captured.err.startswith("error: ") and why in captured.err, (args, captured.err)
+
+
+def test_a_diverged_run_still_gets_its_picture_and_an_unwritable_one_is_one_line(tmp_path, capsys):
+    """A run that diverged logs val_bpb nan or inf (and a TTT over no chunks 1/0): the picture's axis limits were
+    NaN (ValueError) and the chunk fraction divided by zero. A picture that cannot be written is one line, exit 2."""
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "diverged.log"
+    log.write_text("config:SEED=1\nstep:0/8 val_loss:6.9 val_bpb:4.1000 train_time:0ms\n"
+                   "step:4/8 val_loss:nan val_bpb:nan train_time:9ms\nstep:8/8 val_loss:inf val_bpb:inf "
+                   "train_time:20ms\nttt_chunk:1/0 running_val_bpb:nan chunks_per_s:1.00 eta:0s\n")
+    out = tmp_path / "c.png"
+    assert compare.main([str(log), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "nan" in capsys.readouterr().out
+    assert compare.main([str(log), "--out", "/proc/c.png"]) == 2  # /proc takes no new file, not even root's
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot write the picture /proc/c.png"), err
 
 
 def test_run_sh_compare(two_runs, tmp_path):

@@ -26,6 +26,7 @@ CLI_CASES = {
     "help": ({}, ("--help",)),
     **{f"bad{i}": (dict(CORPUS_ENV, DRY_RUN="1", **env), ()) for i, (env, _) in enumerate(CLI_BAD)},
     "runs_dir_is_a_file": (dict(CORPUS_ENV, RUNS_DIR=str(ROOT / "train_gpt.py")), ()),
+    "arguments": (dict(CORPUS_ENV, DRY_RUN="1"), ("EVAL_ONLY=1",)),
 }
 
 
@@ -187,6 +188,11 @@ BAD = [
     (dict(NUM_LAYERS="x"), ("NUM_LAYERS",), "not a valid int"),
     (dict(CHECKPOINT_DIR=tg.__file__), ("CHECKPOINT_DIR",), "a file"),                # failed at the first checkpoint
     (dict(CHECKPOINT_DIR=tg.__file__ + "/ck"), ("CHECKPOINT_DIR",), "in one"),
+    (dict(RUN_ID="../elsewhere"), ("RUN_ID",), "letters, digits"),                  # wrote outside RUNS_DIR
+    (dict(RUN_ID="/tmp/abs"), ("RUN_ID",), "letters, digits"),
+    (dict(RUN_ID="a/b"), ("RUN_ID",), "letters, digits"),
+    (dict(RUN_ID=".."), ("RUN_ID",), "letters, digits"),
+    (dict(RUN_ID="."), ("RUN_ID",), "letters, digits"),                             # RUNS_DIR itself
 ]
 
 
@@ -251,6 +257,14 @@ def test_bad_config_cli_one_line_exit_2(env, names, cli):
     assert "model_params" not in proc.stdout  # it stopped before building anything
 
 
+def test_an_argument_is_refused_not_ignored(cli):
+    """`python train_gpt.py EVAL_ONLY=1` read no arguments and ran the default mode: a full training run instead of
+    an evaluation. Now one line says that knobs are environment variables, and nothing runs."""
+    line = assert_one_line_error(cli["arguments"], "EVAL_ONLY=1")
+    assert "reads no arguments" in line and "EVAL_ONLY=1 python train_gpt.py" in line, line
+    assert "model_params" not in cli["arguments"].stdout
+
+
 def test_what_the_system_refuses_is_one_line_too(cli, monkeypatch, capsys):
     """An OSError (here RUNS_DIR is a file) and running out of memory end in one line naming the phase, exit 2;
     out of memory also names the knobs that shrink the batches."""
@@ -258,6 +272,7 @@ def test_what_the_system_refuses_is_one_line_too(cli, monkeypatch, capsys):
     assert line.startswith(("error: NotADirectoryError during startup", "error: FileExistsError during startup")), line
     monkeypatch.setattr(tg.Hyperparameters, "from_env", lambda env=None: tg.Hyperparameters(device="cpu"))
     monkeypatch.setattr(tg.STOP, "phase", "startup")
+    monkeypatch.setattr(sys, "argv", ["train_gpt.py"])  # not pytest's
     for err in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), MemoryError()):
         def oom(hp, rt, err=err):
             raise err
@@ -289,6 +304,7 @@ def test_malformed_torchrun_variables_are_one_line(env, monkeypatch, capsys):
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(tg.Hyperparameters, "from_env", lambda env=None: tg.Hyperparameters(device="cpu"))
     monkeypatch.setattr(tg, "reports_error", lambda rank: True)  # no grace period to wait for
+    monkeypatch.setattr(sys, "argv", ["train_gpt.py"])  # not pytest's
     assert tg.main() == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: WORLD_SIZE=") and "RANK < WORLD_SIZE" in lines[0], lines

@@ -237,8 +237,9 @@ def no_all_reduce(*args, **kwargs):
 
 dist.init_process_group("gloo")
 data, out, calls, sent = torch.load(sys.argv[2]), {}, [], []
-gather = dist.all_gather_into_tensor
-dist.all_gather_into_tensor = lambda every, mine: sent.append(mine.numel()) or gather(every, mine)
+name = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"  # as Muon picks
+gather = getattr(dist, name)
+setattr(dist, name, lambda every, mine: sent.append(mine.numel()) or gather(every, mine))
 dist.all_reduce = no_all_reduce
 for dtype in (torch.float32, torch.bfloat16):
     params = [torch.nn.Parameter(w.clone()) for w in data["init"]]

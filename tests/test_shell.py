@@ -194,6 +194,8 @@ def test_smoke_then_eval_reproduces_its_final_line(smoke, corpus):
     for name in ("final_model.int6.ptz", "submission.json", "train.log"):
         assert (run / name).is_file(), name
     first = final_line(r.stdout)
+    with open(run / "train.log", "a") as log:  # lines shaped like knobs but not knobs: bash refused `export =x`
+        log.write("config:=x\nconfig:9LIVES=1\n")
     r = run_sh(project, "eval", "runs/first/final_model.int6.ptz", RUN_ID="again")  # knobs from its train.log
     assert r.returncode == 0, r.stderr[-3000:]
     assert final_line(r.stdout) == first
@@ -201,6 +203,16 @@ def test_smoke_then_eval_reproduces_its_final_line(smoke, corpus):
     assert r.returncode == 2 and "usage: ./run.sh eval" in r.stderr
     r = run_sh(project, "evaluate")
     assert r.returncode == 2 and "unknown mode 'evaluate'" in r.stderr and "set -euo" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [("train", "EVAL_ONLY=1"), ("smoke", "ITERATIONS=5"), ("eval", "a.ptz", "b.ptz"),
+                                  ("data", "abc"), ("data", "1.5"), ("data", "-3"), ("data", "2", "3")])
+def test_arguments_that_would_be_ignored_are_refused(tmp_path, args):
+    """`./run.sh train EVAL_ONLY=1` trained for hours (the argument was never read); `./run.sh data 1.5` ended in
+    Python's int() traceback and `data -3` downloaded no shard without a word. Each is now one line, exit 2, at once."""
+    r = run_sh(project_copy(tmp_path), *args, timeout=30)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert ("usage: ./run.sh " if args[0] in ("eval", "data") else "takes no arguments") in r.stderr, r.stderr
 
 
 # Counts each rank's gradient all-reduces (one per step: the first big one of a step, Muon's come after it, smaller)
