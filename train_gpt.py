@@ -639,9 +639,8 @@ def newton_schulz(G: Tensor, steps: int) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum -> Newton-Schulz -> sqrt(max(1, rows/cols)) scale, decoupled weight decay.
-    Every rank keeps all momentum buffers (cheap; checkpoints stay rank-independent), orthogonalises its share of the
-    matrices (one batched call per shape), and one all-gather shares the updates: about half an all-reduce's bytes."""
+    """Nesterov momentum -> Newton-Schulz -> sqrt(max(1, rows/cols)) scale, decoupled weight decay. Every rank keeps
+    all momentum buffers, orthogonalises its share (batched per shape); one all-gather shares the updates."""
 
     def __init__(self, groups, momentum: float, steps: int, wd: float, ns=newton_schulz, update_dtype=torch.float32):
         super().__init__(groups, dict(lr=0.0, momentum=momentum, steps=steps, wd=wd))
@@ -1108,9 +1107,8 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
 
 
 def gptq_codes(w: Tensor, scales: Tensor, H: Tensor, damp: float, block: int = 128) -> tuple[Tensor, float]:
-    """int6 codes (-32..31, float) of w on the per-row grid `scales` by GPTQ (act-order, inputs never seen rounded to
-    nearest, the error spread in blocks of columns: lazy updates), and the dampening used: `damp`, or 10^k times it
-    where H + damp * mean(diag H) * I has no Cholesky factor."""
+    """int6 codes (float) of w on the per-row grid `scales` by GPTQ (act-order, unseen inputs to nearest, lazy block
+    updates) and the damp used: `damp`, or 10^k times it where H + damp * mean(diag H) * I has no Cholesky factor."""
     W, s, H = w.detach().float().clone(), scales.float()[:, None], H.double().clone()
     H.diagonal()[H.diagonal() == 0] = 1.0
     perm = torch.argsort(H.diagonal(), descending=True, stable=True)
@@ -1400,9 +1398,8 @@ def load_weights(model: GPT, sd: dict[str, Tensor], source: str) -> None:
 
 
 def plan_windows(n_tokens: int, seq_len: int, stride: int) -> tuple[Tensor, Tensor]:
-    """Window starts and the first scored position in each window. Standard (stride 0 or >= seq_len):
-    disjoint windows, the tail that does not fill one is dropped. Sliding: starts at multiples of the
-    stride, each window scores its last `stride` targets (the first window all), through the last target."""
+    """Window starts and each one's first scored position. Standard (stride 0 or >= seq_len): disjoint windows, the
+    partial tail dropped. Sliding: a start every `stride`, each scoring its last `stride` targets (the first: all)."""
     n_targets = n_tokens - 1
     if stride == 0 or stride >= seq_len:
         starts = torch.arange(n_targets // seq_len) * seq_len

@@ -4,8 +4,9 @@ train     training throughput (tokens/s per device), step time and peak memory a
           (override any knob through the environment; on a CPU use a smaller config); a line as soon as
           compilation and priming end. `train --profile`: then the 20 most expensive kernels of one steady
           step (CUDA kernels on a GPU, CPU operators on a CPU), each with its share of the step time;
-          `train --memory`: what is held between steps and what holds one step's peak, by the line that
-          allocated it (CUDA only). First, before compiling: each attention kernel alone at the run's shapes
+          `train --memory`: the bytes one forward saves for its backward, by dtype (any device); on CUDA also
+          what is held between steps and what holds one step's peak, by the line that allocated it.
+          First, before compiling: each attention kernel alone at the run's shapes
 peer      the published script (PEER_SCRIPT=path to it; CUDA only) on the same data and batch: its steady
           step time, tokens/s, peak memory and compile+priming time (without PEER_SCRIPT: "not run")
 ttt       our score-first TTT against a straightforward implementation of the same protocol, same model
@@ -121,10 +122,38 @@ def peak_holders(trace: list[dict], baseline: int, top: int = 8) -> tuple[int, l
     return peak, sorted(held.items(), key=lambda kv: -kv[1])[:top]
 
 
+def saved_for_backward(trainer) -> None:
+    """What one forward of a micro-batch keeps for its backward, eager, by dtype (each storage once, parameters not
+    counted, autocast's bf16 weight copies counted): the activations a step holds at its peak, on any device. Compiled
+    graphs choose what to save and what to recompute, so on a GPU this is a bound to compare paths, not the peak."""
+    rt, params = trainer.rt, {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+    seen, by = set(), {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen.add(ptr)
+            by[t.dtype] = by.get(t.dtype, 0) + t.untyped_storage().nbytes()
+        return t
+    x, y = (t[:2] for t in trainer.next_batch()[0])  # two sequences: seconds and ~1.5 GiB even eager, then scaled
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.compiler.set_stance("force_eager"), \
+            rt.autocast():
+        loss = trainer.model(x, y).mean()
+    loss.backward()
+    trainer.model.zero_grad(set_to_none=True)
+    dtypes = " ".join(f"{str(d).removeprefix('torch.')}_mib:{n / 2**20:.1f}" for d, n in sorted(by.items(), key=str))
+    print(f"bench_saved_for_backward seqs:{x.size(0)} seq_len:{x.size(1)} autocast:{'bf16' if rt.bf16 else 'off'} "
+          f"total_mib:{sum(by.values()) / 2**20:.1f} per_seq_mib:{sum(by.values()) / 2**20 / x.size(0):.1f} "
+          f"at_micro_batch_{trainer.micro * trainer.pieces}_gib:"
+          f"{sum(by.values()) / 2**30 / x.size(0) * trainer.micro * trainer.pieces:.2f} {dtypes}", flush=True)
+
+
 def memory_step(trainer) -> None:
-    """One more steady step with the CUDA allocator's history recorded: what is held between steps (weights,
-    optimizer state, EMA) and what holds the step's peak, by the line that allocated it."""
+    """What one forward saves for its backward (any device); on CUDA, then one more steady step with the allocator's
+    history recorded: what is held between steps (weights, optimizer state, EMA) and what holds the step's peak, by
+    the line that allocated it."""
     rt = trainer.rt
+    saved_for_backward(trainer)
     if rt.device.type != "cuda":
         print("bench_memory not_run:cuda_only (the allocator history is CUDA's)")
         return

@@ -6,8 +6,9 @@
 # leaves the others' results and its own rows say so. Steps, limits (LIMIT_<STEP>=seconds overrides one):
 #   1. bench_train (110 s): tests/bench.py train --profile --memory at the seed config, compiled, bf16: first each
 #      attention kernel alone at the run's shapes (seconds, before compiling), then compile + priming time, steady
-#      step ms, tokens/s, peak memory, the 20 most expensive CUDA kernels of one step, then what is held between
-#      steps and which lines hold one step's peak (one more step, allocator history on).
+#      step ms, tokens/s, peak memory, the 20 most expensive CUDA kernels of one step, what an eager forward of 2
+#      sequences keeps for the backward (by dtype), then what is held between steps and which lines hold one step's
+#      peak (one more step, allocator history on).
 #   2. bench_peer (100 s): the published script (PEER_SCRIPT=path; without it the rows say "not run") on the same
 #      data and batch: its compile + warm-up, step ms, tokens/s, peak memory, then its TTT seconds per chunk.
 #   3. bench_ttt (90 s): TTT at the seed config, 10 epochs, 32,768-token chunks: steady seconds per chunk, ours

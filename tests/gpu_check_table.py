@@ -162,6 +162,11 @@ def table(text: str) -> str:
                           f"{mem['between_steps_mib']} ({mem['weights_mib']}, {mem['optimizer_state_mib']}, "
                           f"{mem['ema_mib']})" if mem else no_mem))
     rows.append(ours_only("memory at one step's peak (MiB)", mem["step_peak_mib"] if mem else no_mem))
+    saved = fields(out.get("bench_train", []), "bench_saved_for_backward")  # eager, any device
+    at = next((v for k, v in (saved or {}).items() if k.startswith("at_micro_batch_")), "?")
+    rows.append(ours_only("kept for the backward, eager: MiB per sequence; GiB at the micro-batch; float32 MiB of 2",
+                          f"{saved['per_seq_mib']}; {at}; {saved.get('float32_mib', '0')}" if saved
+                          else why("bench_train")))
     for i in range(HOLDERS):  # the place comes last: it holds spaces
         cell = (f"{fields([holders[i]], 'bench_memory_top')['mib']} MiB: {holders[i].split(' where:', 1)[1]}"
                 if i < len(holders) else "—" if holders else no_mem)

@@ -31,8 +31,10 @@ LABELS = ["step bench_train", "step bench_peer", "step bench_ttt", "step pipelin
           "pipeline (train, artifact, TTT): val_bpb, eval time",
           "EVAL_ONLY of its artifact: graphs / graph breaks", "EVAL_ONLY of its artifact: val_bpb, eval time",
           "EVAL_ONLY compile cache: warm at start; FX graph hits/misses",
-          "memory held between steps (MiB): all (weights, optimizer state, EMA)", "memory at one step's peak (MiB)"] + \
+          "memory held between steps (MiB): all (weights, optimizer state, EMA)", "memory at one step's peak (MiB)",
+          "kept for the backward, eager: MiB per sequence; GiB at the micro-batch; float32 MiB of 2"] + \
     [f"peak holder {i}" for i in range(1, 9)] + [f"kernel {i}" for i in range(1, 21)]
+SAVED_LABEL = "kept for the backward, eager: MiB per sequence; GiB at the micro-batch; float32 MiB of 2"
 TTT_LABELS = [l for l in LABELS if l.startswith("TTT")]
 GOAL_LABELS = [l for l in LABELS if l.startswith("goal ")]
 
@@ -76,6 +78,7 @@ def test_rehearsal_runs_every_step_in_order_and_ends_with_the_full_table(tmp_pat
     assert rows["EVAL_ONLY of its artifact: val_bpb, eval time"][1].startswith(final + ", ")
     assert rows["pipeline (train, artifact, TTT): graphs / graph breaks"][1] == "not compiled"
     assert rows["memory at one step's peak (MiB)"][1] == rows["peak holder 1"][1] == "not run (CUDA only)"
+    assert re.fullmatch(r"[\d.]+; [\d.]+; [\d.]+", rows[SAVED_LABEL][1]), rows[SAVED_LABEL]  # measured on any device
     # step 1 ran torch's choice (the CPU's flash kernel); step 6 the bench again (eager here: COMPILE=0 stays 0)
     assert rows["attention kernel (SDPA_BACKEND)"][1] == "flash_attention (auto)"
     assert re.fullmatch(r"[\d.]+; [\d.]+; \d+ \([\d.]+x step 1's\); nan",
@@ -101,7 +104,8 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
         "bench_profile_top rank:1 share:20.0% ms:120.00 calls:88 name:triton_per_fused_a b",
         "bench_memory between_steps_mib:520 weights_mib:103 optimizer_state_mib:310 ema_mib:103 step_peak_mib:26000 "
         "trace_events:900", "bench_memory_top rank:1 mib:24000 where:train_gpt.py:866 train_step via compiled code",
-        "gpu_check:bench_train rc:0 secs:100",
+        "bench_saved_for_backward seqs:2 seq_len:2048 autocast:bf16 total_mib:1470.4 per_seq_mib:735.2 "
+        "at_micro_batch_48_gib:34.46 bfloat16_mib:926.6 float32_mib:543.8", "gpu_check:bench_train rc:0 secs:100",
         "gpu_check:bench_peer start:10:01:40 limit:100s", "bench_peer machine:x step_ms:750.0 tok_s:1048576 "
         "peak_mem_mib:24000 compile_and_priming_s:60.0 steps:10", "bench_peer_ttt chunks:2 epochs:10 ttt_s:2.60 "
         "s_per_chunk:1.300 (eager)", "gpu_check:bench_peer rc:0 secs:90",
@@ -128,6 +132,7 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
     assert rows["memory at one step's peak (MiB)"][1] == "26000"
     assert rows["peak holder 1"][1] == "24000 MiB: train_gpt.py:866 train_step via compiled code"
     assert rows["peak holder 2"][1] == "—"
+    assert rows[SAVED_LABEL][1] == "735.2; 34.46; 543.8"
     assert rows["attention kernel (SDPA_BACKEND)"][1] == "cudnn_attention (auto)"
     assert rows["one graph (COMPILE=graph): compile + priming (s); step ms; tokens/s; peak memory (MiB)"][1] == \
         "95.5; 750.0; 1048576 (0.80x step 1's); 39000"
