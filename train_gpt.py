@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import fcntl
 import heapq
 import io
 import json
@@ -888,8 +889,7 @@ class Trainer:
         return total[0]
 
     def check_finite(self) -> None:
-        bad = int(self.bad_step)
-        if bad >= 0:
+        if (bad := int(self.bad_step)) >= 0:
             raise UserError(f"training loss became non-finite at step {bad + 1}; the last checkpoint (if any) "
                             "is intact - lower the learning rates or resume from it")
 
@@ -1037,10 +1037,9 @@ ZSTD_CANDIDATES = ((7, 3), (9, 5), (9, 4), (8, 4))  # btultra / btultra2 / btopt
 
 
 def quantize_matrix(w: Tensor) -> tuple[Tensor, Tensor, int]:
-    """GPTQ-lite: per-row clip at one of 15 |w| quantiles (chosen per tensor by the lowest mean squared
-    error, first wins ties), scale = max(clip/31, 1/31), q in [-32, 31]. Returns int8 q, fp16 scales and
-    the number of rows on the 1/31 floor. Rows with max |w| < 1 are on the floor for every candidate, so
-    candidates are ranked on the other rows only; near-ties are settled on the whole matrix as the seed does."""
+    """GPTQ-lite: per-row clip at one of 15 |w| quantiles (per tensor, least squared error, first wins ties), scale =
+    max(clip/31, 1/31), q in [-32, 31]; returns int8 q, fp16 scales, rows on the 1/31 floor. Rows with max |w| < 1 are
+    on the floor for every candidate, so ranking uses the others; near-ties: settled on all rows, as the seed does."""
     t = w.detach().float()
     amax = t.abs().amax(dim=1)
     big = amax >= 1.0
@@ -1235,10 +1234,9 @@ def rate_grid(w: Tensor, step) -> tuple[Tensor, Tensor]:
 
 def quantize_to_budget(sd: dict[str, Tensor], budget: int, sens: dict[str, Tensor] | None, quant_embed: bool,
                        log=print, gptq: dict | None = None) -> tuple[dict, dict]:
-    """The artifact object whose compressed size is <= budget (within ~1% below) with the least predicted loss.
-    Each tensor takes the step minimising D + lam*bytes (bytes estimated from code histograms), lam bisected to the
-    target, then one tensor moves a fraction of its rows one step finer for the rest; the real compressor corrects
-    the estimate (interpolating between tries, at most 5). With gptq, GPTQ picks the codes on each chosen grid."""
+    """The artifact object of least predicted loss whose compressed size is <= budget (within ~1%). Each tensor takes
+    the step minimising D + lam*bytes (bytes from code histograms, lam bisected), one tensor moves some rows one step
+    finer; the real compressor corrects the estimate (at most 5 tries). With gptq, GPTQ picks the codes on each grid."""
     t0 = time.perf_counter()
     big = [k for k, t in sd.items() if is_int6(k, t, quant_embed)]
     W = {k: sd[k].detach().cpu().float() for k in big}
@@ -1546,6 +1544,11 @@ def open_run_dir(hp: Hyperparameters, rt: Runtime) -> Hyperparameters:
         if (rt.run_dir / "train.log").exists() and not hp.resume:
             raise UserError(f"run folder {rt.run_dir} already holds a run; choose another RUN_ID or set RESUME=1")
         rt.run_dir.mkdir(parents=True, exist_ok=True)
+        try:  # one process per run folder: the descriptor stays open, so the lock lasts as long as this process
+            fcntl.flock(os.open(rt.run_dir, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:  # held elsewhere: refused; another error: a filesystem without locks, unguarded
+            if isinstance(e, BlockingIOError):
+                raise UserError(f"run folder {rt.run_dir} is in use: another process is running this run") from None
         rt.log_file = open(rt.run_dir / "train.log", "a", encoding="utf-8")
     return hp
 

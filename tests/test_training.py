@@ -3,6 +3,7 @@ equivalence, divergence handling and a falling loss. Every run is a real subproc
 sample shards with the TINY config; one uninterrupted run (A) is shared by several tests."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -365,6 +366,31 @@ def test_same_run_id_without_resume_is_refused(run_a, runs):
     line = assert_one_line_error(r)
     assert str(dup) in line and "RESUME=1" in line and "RUN_ID" in line, line
     assert snapshot(dup) == before  # not a byte, not an mtime changed
+
+
+def test_a_run_folder_in_use_is_refused(run_a, runs):
+    """Two processes on one run folder (RESUME=1 twice, a job requeued beside its predecessor) both trained from the
+    same checkpoint and wrote over each other's checkpoints, log and artifact. A run locks its folder (flock, held
+    until it exits): a second one is refused in one line and touches nothing."""
+    rt = tg.Runtime()
+    tg.open_run_dir(tg.Hyperparameters.from_env({**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "held"}), rt)
+    rt.log_file.close()
+    fd = os.open(runs / "held", os.O_RDONLY)
+    with pytest.raises(BlockingIOError):  # open_run_dir holds the lock (this test's process stands for the run)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
+    busy = runs / "busy"
+    shutil.copytree(run_a[0], busy)
+    before = snapshot(busy)
+    fd = os.open(busy, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a train_gpt.py still running there holds it
+    try:
+        r = run_script({**CFG_A, "RUNS_DIR": str(runs), "RUN_ID": "busy", "RESUME": "1"})
+    finally:
+        os.close(fd)
+    line = assert_one_line_error(r)
+    assert str(busy) in line and "in use" in line, line
+    assert snapshot(busy) == before  # not a byte, not an mtime changed
 
 
 def test_a_full_disk_under_the_log_is_one_line(runs):
