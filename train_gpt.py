@@ -270,8 +270,7 @@ def open_shard(path: str) -> np.ndarray:
         raise UserError(f"shard {path}: truncated header ({size} bytes, need {HEADER_INTS * 4})")
     if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise UserError(f"shard {path}: bad magic/version {header[0]}/{header[1]} (want {SHARD_MAGIC}/{SHARD_VERSION})")
-    n = int(header[2])
-    if n < 0 or size != HEADER_INTS * 4 + 2 * n:
+    if (n := int(header[2])) < 0 or size != HEADER_INTS * 4 + 2 * n:
         raise UserError(f"shard {path}: header says {n} tokens = {HEADER_INTS * 4 + 2 * n} bytes, file has {size} "
                         "(truncated or corrupt download?)")
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_INTS * 4, shape=(n,))
@@ -1727,20 +1726,19 @@ def write_submission(hp: Hyperparameters, rt: Runtime, r: dict) -> None:
 
 
 def report_stop(rt: Runtime | None, signum: int, line: str | None, checkpoint_dir: str = "") -> int:
-    """The stop line (what was interrupted, what is safe on disk); 128 + signum, or 1 (signum 0: another rank ended)."""
+    """The stop line (what was interrupted, what is safe on disk); 128 + signum (0: another process ended first)."""
     if line is None:
         dirs = [d for d in (rt and rt.run_dir, checkpoint_dir and Path(checkpoint_dir)) if d]
         kept = sorted({p for d in dirs for p in d.rglob("*") if p.suffix in (".pt", ".ptz")})
         why = signal.Signals(signum).name if signum else "another process of this run ended (its output says why)"
         line = f"stopped: {why} during {STOP.phase}; safe on disk: {', '.join(map(str, kept)) or 'nothing of this run'}"
     (rt or Runtime(rank=int(os.environ.get("RANK", "0")))).log(line)
-    return 128 + signum if signum else 1
+    return 128 + signum
 
 
 def reports_error(rank: int) -> bool:
-    """One report per error under torchrun: the first claim in its store reports. Rank 0 claims at once, the others
-    after a grace period (torchrun stops them when rank 0 exits), so a rank's own error still shows."""
-    time.sleep(3.0 if rank else 0.0)
+    """One report per error under torchrun: the first claim in its store reports (rank 0 at once, the others later)."""
+    time.sleep(3.0 if rank else 0.0)  # rank 0 (the same error, most often) first; torchrun stops the rest as it exits
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # not under torchrun: nobody else to ask
         return True
     try:
@@ -1769,11 +1767,13 @@ def main() -> int:
     except Stopped as e:
         return report_stop(rt, *e.args, hp.checkpoint_dir if hp else "")
     except Exception as e:  # a UserError is one line, anything else its traceback; under torchrun once, not per rank
-        if STOP.signum or (rt and rt.world > 1 and any(s in str(e) for s in ("by peer", "remote process"))):
-            return report_stop(rt, STOP.signum, None, hp.checkpoint_dir if hp else "")  # a collective's peer ended
+        if STOP.signum:  # e.g. a collective broken by a peer that stopped first
+            return report_stop(rt, STOP.signum, None, hp.checkpoint_dir if hp else "")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here torchrun's SIGTERM ends a waiting rank quietly
         rank = rt.rank if rt else 0  # before the runtime every rank has the same error (the config's)
-        if not reports_error(rank):
+        if lost := rt and rt.world > 1 and any(s in str(e) for s in ("by peer", "remote process")):
+            report_stop(rt, 0, None, hp.checkpoint_dir)  # a peer ended first: it (or torchrun) says why; wait as below
+        if lost or not reports_error(rank):
             time.sleep(60)  # the reporting rank may still be printing: torchrun stops this process when it exits
             return 2
         if isinstance(e, (OSError, MemoryError, torch.OutOfMemoryError)):  # the system refused: one line too
