@@ -387,8 +387,8 @@ except Exception:
     _fa3 = None
 
 
-def rms(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+def rms(x: Tensor) -> Tensor:  # float32 as CUDA's autocast runs it (so normalize, square): asked, so CPU's does too
+    return F.rms_norm(x.float(), (x.size(-1),))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -442,7 +442,7 @@ class Attention(nn.Module):
         y = attention(q, k, v)  # (B, T, H, hd)
         if self.xsa:  # remove each head's component along its own token's value direction
             y = y.reshape(B, T, self.hkv, self.h // self.hkv, self.hd)
-            n = F.normalize(v, dim=-1).unsqueeze(3)
+            n = F.normalize(v.float(), dim=-1).unsqueeze(3)
             y = (y - (y * n).sum(-1, keepdim=True) * n)
         return self.proj(y.reshape(B, T, -1))
 
@@ -456,7 +456,7 @@ class MLP(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hp.mlp_hidden))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.relu(self.up_proj(x)).square() * self.scale.to(x.dtype) + self.bias.to(x.dtype))
+        return self.down_proj(F.relu(self.up_proj(x)).float().square() * self.scale.to(x.dtype) + self.bias.to(x.dtype))
 
 
 class Block(nn.Module):

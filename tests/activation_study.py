@@ -6,9 +6,10 @@ published model, on any machine (no GPU needed); with --traffic, the bytes its k
 
 Both models are traced by torch.compile (dynamo + AOTAutograd) at B sequences of TRAIN_SEQ_LEN under bf16
 autocast, and their joint graphs split by the min-cut partitioner that inductor uses; the forward graph's extra
-outputs are what the backward keeps. Autocast follows CUDA's dtype policy where CPU autocast differs (rms_norm in
-float32). Printed: the total (and scaled to MICRO_BATCH_SEQS) and the largest groups by shape and dtype. It
-compares the graphs, not a GPU's peak: kernels (flash attention) and the allocator differ there. Not a test.
+outputs are what the backward keeps. Autocast follows CUDA's dtype policy where CPU autocast differs (rms_norm,
+normalize and pow in float32). Printed: the total (and scaled to MICRO_BATCH_SEQS) and the largest groups by shape
+and dtype. It compares the graphs, not a GPU's peak: kernels (flash attention) and the allocator differ there.
+Not a test.
 
 --traffic compiles one forward and backward with inductor (C++ kernels on a CPU: ~4 minutes per model) and sums, per
 graph, the bytes each kernel reads and writes as inductor's scheduler counts them after fusion: the fused pointwise
@@ -32,15 +33,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
-_rms_norm = F.rms_norm
 
+def as_on_cuda(fn):
+    """CUDA's autocast runs rms_norm, normalize and pow in float32; CPU autocast leaves them in the input's dtype
+    (train_gpt asks for float32 itself; the published model relies on CUDA's autocast)."""
 
-def rms_norm_as_on_cuda(x, shape, weight=None, eps=None):
-    """CUDA autocast runs rms_norm in float32; CPU autocast leaves it in the input's dtype."""
-    if torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            return _rms_norm(x.float(), shape, None if weight is None else weight.float(), eps)
-    return _rms_norm(x, shape, weight, eps)
+    def run(x, *args, **kwargs):
+        return fn(x.float() if torch.is_autocast_enabled("cpu") and x.dtype == torch.bfloat16 else x, *args, **kwargs)
+    return run
 
 
 def kept_for_backward(model: torch.nn.Module, loss_of) -> list[torch.Tensor]:
@@ -144,7 +144,7 @@ def main() -> None:
     hp = tg.Hyperparameters.from_env()
     args = [a for a in sys.argv[1:] if a not in ("--traffic", "--regions")]
     B, T = int(args[0]) if args else 2, hp.train_seq_len
-    F.rms_norm = rms_norm_as_on_cuda
+    F.rms_norm, F.normalize, torch.Tensor.pow = map(as_on_cuda, (F.rms_norm, F.normalize, torch.Tensor.pow))
     torch.manual_seed(hp.seed)
     x, y = (torch.randint(0, hp.vocab_size, (B, T)) for _ in range(2))
     models = [("ours", tg.GPT(hp), lambda m: m(x, y).mean())]

@@ -11,7 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from conftest import TINY, final_line, run_script, tg, tiny_hp, tiny_model
 
@@ -49,6 +52,65 @@ def test_bf16_autocast_on_the_cpu_runs_matmuls_in_bf16_and_keeps_the_loss_in_flo
         seed_style = model(x, x)
     assert seed_style.dtype == torch.float32
     torch.testing.assert_close(seed_style, loss.detach(), atol=0.05, rtol=0.02)
+
+
+class CudaAutocastReplay(TorchFunctionMode):
+    """Replays every torch call of a CPU forward under bf16 autocast on fake CUDA tensors of the same shapes, dtypes
+    and strides under CUDA's bf16 autocast (no GPU needed: the dispatcher applies CUDA's cast policy to tensors
+    that say they are on CUDA) and records where the two produce floating results of different dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fake, self.replayed, self.differ, self.unreplayable = FakeTensorMode(), 0, set(), set()
+
+    def on_cuda(self, a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        meta = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+        return FakeTensor(self.fake, meta, torch.device("cuda"))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            name = getattr(func, "__qualname__", str(func))
+            with torch._C.DisableTorchFunction():
+                torch.set_autocast_enabled("cpu", False)
+                torch.set_autocast_enabled("cuda", True)
+                try:
+                    with self.fake:
+                        ref = func(*tree_map(self.on_cuda, args), **tree_map(self.on_cuda, kwargs))
+                    self.replayed += 1
+                    if ref.dtype != out.dtype:
+                        self.differ.add(f"{name}: cpu {out.dtype} cuda {ref.dtype}")
+                except RuntimeError:  # indexing checks the device itself; it keeps its input's dtype anyway
+                    self.unreplayable.add(name)
+                finally:
+                    torch.set_autocast_enabled("cuda", False)
+                    torch.set_autocast_enabled("cpu", True)
+        return out
+
+
+@pytest.mark.parametrize("compat", ["0", "1"])
+def test_bf16_autocast_on_the_cpu_gives_every_operation_the_dtype_cuda_gives_it(compat):
+    """The CPU rehearses the GPU's arithmetic: CUDA's autocast runs rms_norm, normalize, square (pow) and sum in
+    float32 where the CPU's leaves them in bf16, so the model asks for float32 itself at those points. Every
+    operation of a training forward and of a scoring one (the published model's bf16 tok_emb too), replayed under
+    CUDA's policy, gives the dtype it gave on the CPU."""
+    model = tiny_model(seed=3, compat_pr644=compat, warmup_steps=0)
+    x = torch.randint(0, 1024, (2, 128), generator=torch.Generator().manual_seed(0))
+    replay, real = CudaAutocastReplay(), tg.attention
+    for dev in ("cpu", "cuda"):
+        torch.set_autocast_dtype(dev, torch.bfloat16)
+    tg.attention = lambda q, k, v: (q * 1.0).bfloat16()  # SDPA: bf16 under both policies; CUDA's checks the device
+    try:
+        with torch.no_grad(), tg.Runtime(bf16=True).autocast(), replay:
+            model(x, x)
+            model(x, x, score_from=96)
+    finally:
+        tg.attention = real
+    assert replay.replayed > 300 and replay.unreplayable <= {"TensorBase.__getitem__"}, replay.unreplayable
+    assert not replay.differ, sorted(replay.differ)
 
 
 def test_sdpa_backend_orders_the_attention_kernels_inside_every_forward_only(capsys):
