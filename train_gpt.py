@@ -387,7 +387,7 @@ except Exception:
     _fa3 = None
 
 
-def rms(x: Tensor) -> Tensor:  # float32 as CUDA's autocast runs it (so normalize, square): asked, so CPU's does too
+def rms(x: Tensor) -> Tensor:  # float32 as CUDA autocast does; explicit so CPU autocast matches (as normalize, square)
     return F.rms_norm(x.float(), (x.size(-1),))
 
 

@@ -99,9 +99,8 @@ def test_bf16_autocast_on_the_cpu_gives_every_operation_the_dtype_cuda_gives_it(
     CUDA's policy, gives the dtype it gave on the CPU."""
     model = tiny_model(seed=3, compat_pr644=compat, warmup_steps=0)
     x = torch.randint(0, 1024, (2, 128), generator=torch.Generator().manual_seed(0))
-    replay, real = CudaAutocastReplay(), tg.attention
-    for dev in ("cpu", "cuda"):
-        torch.set_autocast_dtype(dev, torch.bfloat16)
+    replay, real, cuda_dtype = CudaAutocastReplay(), tg.attention, torch.get_autocast_dtype("cuda")
+    torch.set_autocast_dtype("cuda", torch.bfloat16)  # what torch.autocast("cuda", dtype=torch.bfloat16) sets
     tg.attention = lambda q, k, v: (q * 1.0).bfloat16()  # SDPA: bf16 under both policies; CUDA's checks the device
     try:
         with torch.no_grad(), tg.Runtime(bf16=True).autocast(), replay:
@@ -109,6 +108,7 @@ def test_bf16_autocast_on_the_cpu_gives_every_operation_the_dtype_cuda_gives_it(
             model(x, x, score_from=96)
     finally:
         tg.attention = real
+        torch.set_autocast_dtype("cuda", cuda_dtype)
     assert replay.replayed > 300 and replay.unreplayable <= {"TensorBase.__getitem__"}, replay.unreplayable
     assert not replay.differ, sorted(replay.differ)
 
