@@ -143,8 +143,8 @@ class Hyperparameters:
     eval_only: bool = knob(False, "skip training; evaluate ARTIFACT")
     artifact: str = knob("", "artifact (.ptz) for EVAL_ONLY")
     device: str = knob("auto", "compute device", choices=("auto", "cpu", "cuda"))
-    compile: str = knob("auto", "torch.compile the model by regions (auto = on CUDA) or as one graph",
-                        choices=("auto", "0", "1", "graph"))
+    compile: str = knob("auto", "compile by regions (auto: on CUDA) or one graph", choices=("auto", "0", "1", "graph"))
+    activation_budget: float = knob(0.0, "compiled graphs keep this share of activations (0 = off)", lo=0.0, below=1.0)
     compile_cache_dir: str = knob("", "torch.compile's code cache for later runs (default RUNS_DIR/compile_cache)")
     sdpa_backend: str = knob("auto", "attention kernel: torch's choice, flash (the published run's) or cuDNN's first "
                              "(others measured it faster on Hopper)", choices=("auto", "flash", "cudnn"))
@@ -1585,16 +1585,16 @@ def final_evaluation(hp: Hyperparameters, rt: Runtime, model: GPT, val: Tensor, 
 
 
 def compile_model(hp: Hyperparameters, rt: Runtime, model: GPT) -> None:
-    """rt.compiled = the model, compiled: COMPILE=1 by regions (embeddings, blocks, skip mix, head; each kind compiles
-    once: a third less time), COMPILE=graph whole (as published). A graph per (batch, score_from, grad mode, frozen)."""
+    """rt.compiled: by regions (COMPILE=1: embeddings, each kind of block, skip mix, head) or whole (COMPILE=graph)."""
     rt.compiled = model
     if not rt.compile:
         return
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._functorch.config.activation_memory_budget = hp.activation_budget or 1.0  # below 1: recompute, keep less
     cache = Path(hp.compile_cache_dir or Path(hp.runs_dir) / "compile_cache").resolve()
     rt.log(f"compile_cache: dir:{cache} warm:{int(cache.is_dir() and any(cache.iterdir()))}")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # read by inductor when it first compiles
-    kw = dict(dynamic=False, fullgraph=True)
+    kw = dict(dynamic=False, fullgraph=True)  # a graph per kind of region and (batch, score_from, grad mode, frozen)
     if hp.compile == "graph":
         rt.compiled = torch.compile(model, **kw)
         return

@@ -151,6 +151,7 @@ BAD = [
     (dict(DEVICE="tpu"), ("DEVICE",), None),
     (dict(ITERATIONS="-5"), ("ITERATIONS",), None),
     (dict(TTT_LR="-0.1"), ("TTT_LR",), None),
+    (dict(ACTIVATION_BUDGET="90"), ("ACTIVATION_BUDGET",), "< 1.0"),  # a share, not a percentage
     (dict(NUM_HEADS="0"), ("NUM_HEADS",), None),
     (dict(NUM_HEADS="7"), ("NUM_HEADS",), None),                                     # 7 does not divide 512
     (dict(NUM_KV_HEADS="3"), ("NUM_KV_HEADS",), None),                               # 8 heads not divisible by 3
