@@ -20,6 +20,8 @@
 #   6. bench_train_graph (100 s, with what is left): step 1's bench compiled as one graph (COMPILE=graph, as the
 #      published script compiles) instead of by regions: compile + priming, step ms, tokens/s, peak memory beside
 #      step 1's. (Step 1 times each attention kernel alone, so the two kernels are compared there.)
+#   7. bench_train_budget (100 s, with what is left): step 1's bench with ACTIVATION_BUDGET=0.9 (the compiled graphs
+#      keep ~40% fewer activations and redo elementwise work): compile + priming, step ms, tokens/s, peak memory.
 # Data: DATA_PATH/TOKENIZER_PATH if set, else FineWeb where `./run.sh data` puts it, else the test suite's generated
 # corpus (tests/corpus.py, built once into tests/.cache). Our steps score at most VAL_MAX_TOKENS (65,537: two TTT
 # chunks); the published script validates its whole split (fine on the corpus' 56 k tokens, minutes on FineWeb's).
@@ -76,4 +78,5 @@ step eval_only 50 env "${run_knobs[@]}" RUN_ID=gpu_check_eval EVAL_ONLY=1 \
   ARTIFACT="$OUT/runs/gpu_check/final_model.int6.ptz" "$PY" train_gpt.py
 step bench_train_graph 100 env "${bench_knobs[@]}" COMPILE="$([ "${COMPILE:-auto}" = 0 ] && echo 0 || echo graph)" \
   "$PY" tests/bench.py train
+step bench_train_budget 100 env "${bench_knobs[@]}" ACTIVATION_BUDGET=0.9 "$PY" tests/bench.py train
 "$PY" tests/gpu_check_table.py "$LOG" | tee "$OUT/gpu_check_table.md"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 import sys
 
-STEPS = ("bench_train", "bench_peer", "bench_ttt", "pipeline", "eval_only", "bench_train_graph")
+STEPS = ("bench_train", "bench_peer", "bench_ttt", "pipeline", "eval_only", "bench_train_graph",
+         "bench_train_budget")
 TOP = 20  # kernels of the profile
 HOLDERS = 8  # places that hold the peak memory
 ATTENTION_KERNELS = ("cudnn_attention", "flash_attention", "efficient_attention")  # as tests/bench.py names them
@@ -115,12 +116,14 @@ def table(text: str) -> str:
     dev = dev[-1] if dev and "attention" in dev[-1] else None
     rows.append(ours_only("attention kernel (SDPA_BACKEND)",
                           f"{dev['attention']} ({dev['sdpa_backend']})" if dev else why("bench_train")))
-    graph, primed = (fields(out.get("bench_train_graph", []), p) for p in ("bench_train", "bench_train_primed"))
     one = fields(out.get("bench_train", []), "bench_train")
-    speed = f" ({float(graph['tok_s']) / float(one['tok_s']):.2f}x step 1's)" if graph and one else ""
-    rows.append(ours_only("one graph (COMPILE=graph): compile + priming (s); step ms; tokens/s; peak memory (MiB)",
-                          f"{primed['compile_and_priming_s'] if primed else '?'}; {graph['step_ms']}; {graph['tok_s']}"
-                          f"{speed}; {graph['peak_mem_mib']}" if graph else why("bench_train_graph")))
+    for step, what in (("bench_train_graph", "one graph (COMPILE=graph)"),
+                       ("bench_train_budget", "ACTIVATION_BUDGET=0.9")):
+        run, primed = (fields(out.get(step, []), p) for p in ("bench_train", "bench_train_primed"))
+        speed = f" ({float(run['tok_s']) / float(one['tok_s']):.2f}x step 1's)" if run and one else ""
+        rows.append(ours_only(f"{what}: compile + priming (s); step ms; tokens/s; peak memory (MiB)",
+                              f"{primed['compile_and_priming_s'] if primed else '?'}; {run['step_ms']}; {run['tok_s']}"
+                              f"{speed}; {run['peak_mem_mib']}" if run else why(step)))
     alone = {f.get("kernel"): f for f in (dict(re.findall(r"(\w+):(\S+)", l)) for l in out.get("bench_train", [])
                                           if l.startswith("bench_attention "))}
     for name in ATTENTION_KERNELS:  # each kernel alone at the run's shapes (bench_train, before compiling)

@@ -18,11 +18,12 @@ TINY_CHECK = dict(TINY, NUM_LAYERS="2", VE_LAYERS="1", XSA_LAYERS="1", TTT_FREEZ
                   MICRO_BATCH_SEQS="4", VAL_MAX_TOKENS="3000", COMPILE="0", ITERATIONS="2", WARMDOWN_ITERS="1",
                   PRIME_STEPS="1", BENCH_STEPS="1", RUN_PRIME_STEPS="0", BENCH_TTT_EPOCHS="1", TTT_EPOCHS="1")
 LABELS = ["step bench_train", "step bench_peer", "step bench_ttt", "step pipeline", "step eval_only",
-          "step bench_train_graph", "goal 1: training tokens/s >= 1.25x published, peak memory <= published",
+          "step bench_train_graph", "step bench_train_budget", "goal 1: training tokens/s >= 1.25x published, peak memory <= published",
           "goal 2: TTT s/chunk <= 0.5x published",
           "goal 3: compile + priming <= 40 s, EVAL_ONLY reuses the compiled code", "training step (ms)", "training tokens/s", "training peak memory (MiB)",
           "compile + priming (s)", "attention kernel (SDPA_BACKEND)",
-          "one graph (COMPILE=graph): compile + priming (s); step ms; tokens/s; peak memory (MiB)"] + \
+          "one graph (COMPILE=graph): compile + priming (s); step ms; tokens/s; peak memory (MiB)",
+          "ACTIVATION_BUDGET=0.9: compile + priming (s); step ms; tokens/s; peak memory (MiB)"] + \
     [f"attention alone, {k}: fwd+bwd ms per call; per step" for k in gpu_check_table.ATTENTION_KERNELS] + [
           "TTT s/chunk, 10 epochs (ours steady; published eager, warm-up included)",
           "TTT s/chunk, straightforward reference (eager)", "TTT full split (1,893 chunks), 1 GPU (s)",
@@ -61,7 +62,7 @@ def test_rehearsal_runs_every_step_in_order_and_ends_with_the_full_table(tmp_pat
     assert re.findall(r"^gpu_check:(\w+) start:", log, re.M) == list(gpu_check_table.STEPS)
     rcs = dict(re.findall(r"^gpu_check:(\w+) rc:(\d+)", log, re.M))
     assert rcs == {"bench_train": "0", "bench_peer": "0", "bench_ttt": "124", "pipeline": "0", "eval_only": "0",
-                   "bench_train_graph": "0"}
+                   "bench_train_graph": "0", "bench_train_budget": "0"}
     table = (tmp_path / "gpu_check_table.md").read_text()
     assert table.strip() in r.stdout
     rows = rows_of(table)
@@ -117,7 +118,11 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
         "gpu_check:bench_train_graph start:10:05:10 limit:100s", "config:COMPILE=graph",
         "bench_train_primed compile_and_priming_s:95.5",
         "bench_train machine:x step_ms:750.0 tok_s:1048576 peak_mem_mib:39000",
-        "gpu_check:bench_train_graph rc:0 secs:80"])
+        "gpu_check:bench_train_graph rc:0 secs:80",
+        "gpu_check:bench_train_budget start:10:06:30 limit:60s", "config:ACTIVATION_BUDGET=0.9",
+        "bench_train_primed compile_and_priming_s:50.0",
+        "bench_train machine:x step_ms:630.0 tok_s:1248305 peak_mem_mib:20000",
+        "gpu_check:bench_train_budget rc:0 secs:60"])
     rows = rows_of(gpu_check_table.table(log))
     assert rows["training tokens/s"][1:] == ["1310720", "1048576", "1.25"]
     assert rows["training step (ms)"][3] == "0.80" and rows["training peak memory (MiB)"][3] == "1.67"
@@ -136,6 +141,8 @@ def test_table_of_a_gpu_log_with_the_peer_and_a_failed_step():
     assert rows["attention kernel (SDPA_BACKEND)"][1] == "cudnn_attention (auto)"
     assert rows["one graph (COMPILE=graph): compile + priming (s); step ms; tokens/s; peak memory (MiB)"][1] == \
         "95.5; 750.0; 1048576 (0.80x step 1's); 39000"
+    assert rows["ACTIVATION_BUDGET=0.9: compile + priming (s); step ms; tokens/s; peak memory (MiB)"][1] == \
+        "50.0; 630.0; 1248305 (0.95x step 1's); 20000"
     assert rows["attention alone, cudnn_attention: fwd+bwd ms per call; per step"][1] == "4.10; 360.8"
     assert rows["attention alone, flash_attention: fwd+bwd ms per call; per step"][1] == "5.00; 440.0"
     assert rows["attention alone, efficient_attention: fwd+bwd ms per call; per step"][1] == "missing in the log"
