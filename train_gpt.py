@@ -1590,7 +1590,7 @@ def compile_model(hp: Hyperparameters, rt: Runtime, model: GPT) -> None:
     if not rt.compile:
         return
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    torch._functorch.config.activation_memory_budget = hp.activation_budget or 1.0  # below 1: recompute, keep less
+    torch._functorch.config.activation_memory_budget = hp.activation_budget or 1.0  # loaded with torch._dynamo
     cache = Path(hp.compile_cache_dir or Path(hp.runs_dir) / "compile_cache").resolve()
     rt.log(f"compile_cache: dir:{cache} warm:{int(cache.is_dir() and any(cache.iterdir()))}")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # read by inductor when it first compiles
