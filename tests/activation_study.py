@@ -63,33 +63,49 @@ def kept_for_backward(model: torch.nn.Module, loss_of) -> list[torch.Tensor]:
     return kept
 
 
+def min_cut_backend(model: torch.nn.Module, counts: dict):
+    """A torch.compile backend: AOTAutograd with inductor's min-cut partitioner (where ACTIVATION_BUDGET acts), its
+    graphs run as traced. Adds to counts "kept" and "storages", the bytes and storages the forwards keep for the
+    backward at every call (each storage once, the model's weights and buffers not), and "mm" and "attention", the
+    backward graphs' nodes of those kinds."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    seen, n_user = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}, []
+    for key in ("kept", "storages", "mm", "attention"):
+        counts.setdefault(key, 0)
+
+    def partition(joint, inputs, **kw):  # runs before the forward compiler of the same graph
+        n_user.append(kw["num_fwd_outputs"])
+        return min_cut_rematerialization_partition(joint, inputs, **kw)
+
+    def forward(gm, _):
+        first_saved = n_user[-1]
+
+        def run(*args):
+            outs = gm(*args)
+            for t in outs[first_saved:]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    seen.add(t.untyped_storage().data_ptr())
+                    counts["kept"] += t.untyped_storage().nbytes()
+                    counts["storages"] += 1
+            return outs
+        return make_boxed_func(run)
+
+    def backward(gm, _):
+        for kind in ("mm", "attention"):
+            counts[kind] += sum(n.op == "call_function" and kind in str(n.target) for n in gm.graph.nodes)
+        return make_boxed_func(gm)
+    return aot_autograd(fw_compiler=forward, bw_compiler=backward, partition_fn=partition)
+
+
 def kept_per_call(hp: tg.Hyperparameters, model: torch.nn.Module, loss_of, mode: str) -> tuple[int, int]:
     """Bytes and storages that the forwards of train_gpt.compile_model's graphs (COMPILE=mode: by regions or one graph)
     keep for the backward, collected at every call (by regions a block's graph runs once per block of its kind), real
     tensors from AOTAutograd's min-cut partition run as traced. Each storage counts once (x0 is kept by every block
     that reads it), the weights' not at all (alive anyway); a region's input kept for its backward counts too."""
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    total, seen = [0, 0], {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-
-    def backend(gm, inputs):
-        n_user = []
-
-        def partition(joint, joint_inputs, **kw):
-            n_user.append(kw["num_fwd_outputs"])
-            return min_cut_rematerialization_partition(joint, joint_inputs, **kw)
-
-        def forward_graph(g, _):
-            def run(*args):
-                outs = g(*args)
-                for t in outs[n_user[0]:]:
-                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                        seen.add(t.untyped_storage().data_ptr())
-                        total[0], total[1] = total[0] + t.untyped_storage().nbytes(), total[1] + 1
-                return outs
-            return run
-        return aot_module_simplified(gm, inputs, fw_compiler=forward_graph, bw_compiler=lambda g, _: g,
-                                     partition_fn=partition)
+    counts = {}
+    backend = min_cut_backend(model, counts)
     torch._dynamo.reset()
     real = torch.compile
     rt = tg.Runtime(compile=True)
@@ -98,7 +114,7 @@ def kept_per_call(hp: tg.Hyperparameters, model: torch.nn.Module, loss_of, mode:
         tg.compile_model(tg.dataclasses.replace(hp, compile=mode, runs_dir="/tmp"), rt, model)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss_of(rt.compiled).backward()
-    return total[0], total[1]
+    return counts["kept"], counts["storages"]
 
 
 def kernel_traffic(model: torch.nn.Module, loss_of) -> list[dict[str, float]]:

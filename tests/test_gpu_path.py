@@ -250,37 +250,12 @@ def test_compiling_by_regions_computes_the_eager_model_with_one_graph_per_kind_o
 
 def budget_step(monkeypatch, budget: float) -> dict:
     """One bf16 training forward + backward of a tiny model that compile_model compiles by regions with
-    ACTIVATION_BUDGET=budget, through AOTAutograd with inductor's min-cut partitioner (where the budget acts), its
-    graphs run as traced: the loss, the gradients, the bytes the forwards keep for the backward (each storage once,
-    the weights' not) and the backward's matmul and attention nodes (all its graphs)."""
+    ACTIVATION_BUDGET=budget, through activation_study's min-cut backend (the partitioner the budget acts on): the
+    loss, the gradients, the bytes the forwards keep for the backward and the backward's matmul and attention nodes."""
     import torch._dynamo
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    model, got, kept_by = tiny_model(5), dict(kept=0, mm=0, attention=0), []
-    seen = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
-
-    def partition(joint, inputs, **kw):
-        kept_by.append(kw["num_fwd_outputs"])
-        return min_cut_rematerialization_partition(joint, inputs, **kw)
-
-    def forward(gm, _):
-        n_user = kept_by[-1]
-
-        def run(*args):
-            outs = gm(*args)
-            for t in outs[n_user:]:
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                    seen.add(t.untyped_storage().data_ptr())
-                    got["kept"] += t.untyped_storage().nbytes()
-            return outs
-        return make_boxed_func(run)
-
-    def backward(gm, _):
-        for kind in ("mm", "attention"):
-            got[kind] += sum(n.op == "call_function" and kind in str(n.target) for n in gm.graph.nodes)
-        return make_boxed_func(gm)
-    real, backend = torch.compile, aot_autograd(fw_compiler=forward, bw_compiler=backward, partition_fn=partition)
+    from activation_study import min_cut_backend
+    model, got = tiny_model(5), {}
+    real, backend = torch.compile, min_cut_backend(model, got)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=backend, **kw))
     monkeypatch.setattr(tg.Runtime, "log", lambda self, msg: None)
     monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", 1.0)  # put back afterwards
